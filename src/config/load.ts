@@ -1,0 +1,221 @@
+// Reads a config file into a validated, frozen Config: YAML → ${ENV} substitution → schema → selector paths.
+// Every problem is collected and reported as `file:key: what is wrong (line N)`; nothing here throws
+// anything but a ConfigError.
+import { promises as fs, constants as fsConstants } from 'node:fs';
+import path from 'node:path';
+import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
+import { configSchema, type TlsMode } from './schema';
+
+export interface DownstreamConfig {
+  readonly name: string;
+  readonly addr: string;
+  readonly host: string;
+  readonly port: number;
+  readonly user?: string;
+  readonly pass?: string;
+  readonly tls: TlsMode;
+  readonly verifyTls: boolean;
+  readonly tags: readonly string[];
+  readonly weight: number;
+}
+
+export interface UserConfig {
+  readonly email: string;
+  readonly password: string;
+  /** Absolute path of the selector script. */
+  readonly selectorPath: string;
+  readonly downstreams: readonly DownstreamConfig[];
+}
+
+export interface Config {
+  readonly file: string;
+  readonly listen: { readonly host: string; readonly port: number };
+  readonly hostname?: string;
+  readonly allowInsecureAuth: boolean;
+  readonly maxMessageSize: number;
+  readonly limits: { readonly selectorTimeoutMs: number; readonly selectorMemoryMb: number; readonly maxSends: number };
+  readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly maxConnections: number };
+  readonly users: readonly UserConfig[];
+  /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
+  readonly warnings: readonly string[];
+}
+
+export class ConfigError extends Error {
+  constructor(
+    readonly file: string,
+    readonly problems: readonly string[],
+  ) {
+    super(`${file}: invalid config\n${problems.map((p) => `  ${p}`).join('\n')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+/** Where the bundled selector library lives (selectors/ at the package root). */
+export const BUNDLED_SELECTORS = path.resolve(__dirname, '..', '..', 'selectors');
+
+export type Env = Readonly<Record<string, string | undefined>>;
+
+type PathKey = string | number;
+
+function formatKey(keys: readonly PathKey[]): string {
+  return keys.reduce<string>((out, key) => (typeof key === 'number' ? `${out}[${key}]` : out ? `${out}.${key}` : key), '') || '(top level)';
+}
+
+/** Replaces ${VAR} and ${VAR:-default} in every string value; $${ stays a literal ${. */
+function substituteEnv(value: unknown, env: Env, keys: PathKey[], problems: string[], file: string, lineOf: (k: PathKey[]) => string): unknown {
+  if (typeof value === 'string') {
+    return value.replace(/\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g, (whole, escaped, name: string, fallback?: string) => {
+      if (escaped) return whole.slice(1);
+      const found = env[name];
+      if (found !== undefined && found !== '') return found;
+      if (fallback !== undefined) return fallback;
+      problems.push(`${file}:${formatKey(keys)}: environment variable ${name} is not set${lineOf(keys)}`);
+      return '';
+    });
+  }
+  if (Array.isArray(value)) return value.map((item, i) => substituteEnv(item, env, [...keys, i], problems, file, lineOf));
+  if (value && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, substituteEnv(v, env, [...keys, k], problems, file, lineOf)]));
+  }
+  return value;
+}
+
+function lineFinder(doc: Document, lines: LineCounter): (keys: PathKey[]) => string {
+  return (keys) => {
+    for (let depth = keys.length; depth > 0; depth--) {
+      const node = doc.getIn(keys.slice(0, depth), true);
+      if (isNode(node) && node.range) return ` (line ${lines.linePos(node.range[0]).line})`;
+    }
+    return '';
+  };
+}
+
+async function isReadableFile(file: string): Promise<boolean> {
+  try {
+    await fs.access(file, fsConstants.R_OK);
+    return (await fs.stat(file)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Finds a selector by the name the config gives: relative to the config's folder, then in selectors/ beside
+ * it, then in the bundled library; ".js" may be left off. A Go plugin path of the original
+ * (./plugins/round_robin/round-robin-plugin) maps onto the bundled selector of the same strategy.
+ */
+export async function resolveSelector(given: string, configDir: string): Promise<{ file?: string; legacy?: boolean }> {
+  const names = given.endsWith('.js') || given.endsWith('.mjs') ? [given] : [given, `${given}.js`];
+  const dirs = [configDir, path.join(configDir, 'selectors'), BUNDLED_SELECTORS];
+  for (const dir of dirs) {
+    for (const name of names) {
+      const candidate = path.resolve(dir, name);
+      if (path.isAbsolute(name) && dir !== configDir) continue;
+      if (await isReadableFile(candidate)) return { file: candidate };
+    }
+  }
+  const legacy = /round[-_]?robin/i.test(given) ? 'round-robin.js' : /waterfall|failover/i.test(given) ? 'waterfall.js' : undefined;
+  if (legacy && !/\.m?js$/.test(given)) return { file: path.join(BUNDLED_SELECTORS, legacy), legacy: true };
+  return {};
+}
+
+function splitAddr(addr: string): { host: string; port: number } {
+  const at = addr.lastIndexOf(':');
+  return { host: addr.slice(0, at).replace(/^\[|\]$/g, ''), port: Number(addr.slice(at + 1)) };
+}
+
+/** Parses and validates config text; `file` is used for messages and to resolve selector paths. */
+export async function parseConfig(text: string, file: string, env: Env = process.env): Promise<Config> {
+  const absFile = path.resolve(file);
+  const shown = path.relative(process.cwd(), absFile) || absFile;
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: true, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    throw new ConfigError(shown, doc.errors.map((e) => `${shown}:${e.linePos?.[0].line ?? '?'}:${e.linePos?.[0].col ?? '?'}: YAML: ${e.message.split('\n')[0]}`));
+  }
+  const lineOf = lineFinder(doc, lines);
+  const problems: string[] = [];
+  const raw = substituteEnv(doc.toJS() ?? {}, env, [], problems, shown, lineOf) as Record<string, unknown>;
+
+  // Environment overrides users know from the original and from container platforms.
+  if (env.SMTPMUX_PORT) raw.listen = { ...(raw.listen as object), port: env.SMTPMUX_PORT };
+  if (env.SMTPMUX_HOST) raw.listen = { ...(raw.listen as object), host: env.SMTPMUX_HOST };
+  if (env.USE_INSECURE_AUTH === 'true') raw.allow_insecure_auth = true;
+
+  const parsed = configSchema.safeParse(raw);
+  if (!parsed.success) {
+    for (const issue of parsed.error.issues) {
+      const keys = issue.path.filter((k): k is PathKey => typeof k !== 'symbol');
+      problems.push(`${shown}:${formatKey(keys)}: ${issue.message}${lineOf(keys)}`);
+    }
+  }
+  if (!parsed.success || problems.length > 0) throw new ConfigError(shown, problems);
+
+  const data = parsed.data;
+  const configDir = path.dirname(absFile);
+  const warnings: string[] = [];
+  const users: UserConfig[] = [];
+  for (const [i, user] of data.users.entries()) {
+    const given = (user.selector ?? user.selector_algo_path) as string;
+    const key = user.selector ? 'selector' : 'selector_algo_path';
+    const found = await resolveSelector(given, configDir);
+    if (!found.file) {
+      problems.push(`${shown}:users[${i}].${key}: selector "${given}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
+      continue;
+    }
+    if (found.legacy) warnings.push(`users[${i}].${key}: "${given}" is a Go plugin of the original; using the bundled ${path.basename(found.file)}`);
+    users.push(
+      Object.freeze({
+        email: user.email,
+        password: user.password,
+        selectorPath: found.file,
+        downstreams: Object.freeze(
+          user.downstreams.map((ds) =>
+            Object.freeze({
+              name: ds.name ?? ds.addr,
+              addr: ds.addr,
+              ...splitAddr(ds.addr),
+              user: ds.user,
+              pass: ds.pass,
+              tls: ds.tls,
+              verifyTls: ds.verify_tls,
+              tags: Object.freeze([...ds.tags]),
+              weight: ds.weight,
+            }),
+          ),
+        ),
+      }),
+    );
+  }
+  if (problems.length > 0) throw new ConfigError(shown, problems);
+
+  return Object.freeze({
+    file: absFile,
+    listen: Object.freeze({ ...data.listen }),
+    hostname: data.hostname,
+    allowInsecureAuth: data.allow_insecure_auth,
+    maxMessageSize: data.max_message_size,
+    limits: Object.freeze({
+      selectorTimeoutMs: data.limits.selector_timeout_ms,
+      selectorMemoryMb: data.limits.selector_memory_mb,
+      maxSends: data.limits.max_sends,
+    }),
+    delivery: Object.freeze({
+      connectTimeoutMs: data.delivery.connect_timeout_ms,
+      socketTimeoutMs: data.delivery.socket_timeout_ms,
+      maxConnections: data.delivery.max_connections,
+    }),
+    users: Object.freeze(users),
+    warnings: Object.freeze(warnings),
+  });
+}
+
+export async function loadConfig(file: string, env: Env = process.env): Promise<Config> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(file, [`${file}: cannot read the config file (${(err as NodeJS.ErrnoException).code ?? String(err)})`]);
+  }
+  return parseConfig(text, file, env);
+}

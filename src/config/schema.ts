@@ -1,0 +1,105 @@
+// The config file's schema: one zod schema that is both the validation and the TypeScript type.
+// Keys of the Go original (selector_algo_path, addr, user, pass) are accepted as they were.
+import { z } from 'zod';
+
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1024, m: 1024 ** 2, mb: 1024 ** 2, g: 1024 ** 3, gb: 1024 ** 3 };
+
+/** "25MB", "512 kb", 1048576 → bytes. */
+const byteSize = z.union([
+  z.number().int().positive(),
+  z.string().transform((text, ctx) => {
+    const match = /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(text);
+    const unit = match ? SIZE_UNITS[match[2].toLowerCase()] : undefined;
+    if (!match || unit === undefined) {
+      ctx.addIssue({ code: 'custom', message: `"${text}" is not a size (use bytes or a number with KB, MB or GB)` });
+      return z.NEVER;
+    }
+    return Math.floor(Number(match[1]) * unit);
+  }),
+]);
+
+const port = z.coerce.number().int().min(1).max(65535);
+
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d{1,5}$/, 'must be host:port, e.g. "smtp.example.com:587"');
+
+export const TLS_MODES = ['auto', 'none', 'starttls', 'tls'] as const;
+
+export const downstreamSchema = z
+  .object({
+    name: z.string().min(1).regex(/^\S+$/, 'must not contain spaces').optional(),
+    addr: hostPort,
+    user: z.string().optional(),
+    pass: z.string().optional(),
+    tls: z.enum(TLS_MODES).default('auto'),
+    verify_tls: z.boolean().default(true),
+    tags: z.array(z.string()).default([]),
+    weight: z.number().nonnegative().default(1),
+  })
+  .strict()
+  .refine((ds) => (ds.user === undefined) === (ds.pass === undefined), {
+    message: 'user and pass go together: give both or neither',
+    path: ['pass'],
+  });
+
+export const userSchema = z
+  .object({
+    email: z.string().min(1, 'must not be empty'),
+    password: z.string().min(1, 'must not be empty'),
+    selector: z.string().min(1).optional(),
+    selector_algo_path: z.string().min(1).optional(),
+    downstreams: z.array(downstreamSchema).min(1, 'list at least one downstream'),
+  })
+  .strict()
+  .superRefine((user, ctx) => {
+    if (!user.selector && !user.selector_algo_path) {
+      ctx.addIssue({ code: 'custom', message: 'name a selector script (selector: round-robin.js)', path: ['selector'] });
+    }
+    const seen = new Set<string>();
+    user.downstreams.forEach((ds, i) => {
+      const name = ds.name ?? ds.addr;
+      if (seen.has(name)) {
+        ctx.addIssue({ code: 'custom', message: `downstream name "${name}" is used twice; give each a distinct name`, path: ['downstreams', i, 'name'] });
+      }
+      seen.add(name);
+    });
+  });
+
+export const configSchema = z
+  .object({
+    listen: z
+      .object({ host: z.string().min(1).default('127.0.0.1'), port: port.default(2525) })
+      .strict()
+      .default({ host: '127.0.0.1', port: 2525 }),
+    hostname: z.string().min(1).optional(),
+    allow_insecure_auth: z.boolean().default(false),
+    max_message_size: byteSize.default(25 * 1024 * 1024),
+    limits: z
+      .object({
+        selector_timeout_ms: z.number().int().min(10).max(600_000).default(30_000),
+        selector_memory_mb: z.number().int().min(8).max(4096).default(64),
+        max_sends: z.number().int().min(1).max(100).default(5),
+      })
+      .strict()
+      .default({ selector_timeout_ms: 30_000, selector_memory_mb: 64, max_sends: 5 }),
+    delivery: z
+      .object({
+        connect_timeout_ms: z.number().int().min(100).default(10_000),
+        socket_timeout_ms: z.number().int().min(100).default(60_000),
+        max_connections: z.number().int().min(1).max(100).default(5),
+      })
+      .strict()
+      .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, max_connections: 5 }),
+    users: z.array(userSchema).min(1, 'list at least one user'),
+  })
+  .strict()
+  .superRefine((config, ctx) => {
+    const seen = new Set<string>();
+    config.users.forEach((user, i) => {
+      const login = user.email.toLowerCase();
+      if (seen.has(login)) ctx.addIssue({ code: 'custom', message: `user "${user.email}" is listed twice`, path: ['users', i, 'email'] });
+      seen.add(login);
+    });
+  });
+
+export type ConfigFile = z.infer<typeof configSchema>;
+export type TlsMode = (typeof TLS_MODES)[number];

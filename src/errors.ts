@@ -1,0 +1,69 @@
+// The error catalogue: every failure SMTP Mux can answer a client with, as a code, an SMTP reply code,
+// an enhanced status code (RFC 3463) and the sentence a human reads. Replies, log lines and the README's
+// table all come from here (tests/errors-doc.test.ts keeps the README in step).
+
+export interface CatalogueEntry {
+  readonly reply: number;
+  readonly enhanced: string;
+  readonly text: string;
+}
+
+export const CATALOGUE = {
+  SMTPMUX_AUTH_REQUIRED: { reply: 530, enhanced: '5.7.0', text: 'Authentication required: log in with AUTH before sending mail' },
+  SMTPMUX_AUTH_FAILED: { reply: 535, enhanced: '5.7.8', text: 'Authentication failed: unknown user or wrong password' },
+  SMTPMUX_AUTH_INSECURE: { reply: 538, enhanced: '5.7.11', text: 'Plaintext authentication is disabled on this connection (set allow_insecure_auth to allow it)' },
+  SMTPMUX_MESSAGE_TOO_BIG: { reply: 552, enhanced: '5.3.4', text: 'Message exceeds the maximum message size' },
+  SMTPMUX_RECEIVE_FAILED: { reply: 451, enhanced: '4.3.0', text: 'The message could not be received; please try again' },
+  SMTPMUX_SELECTOR_FAILED: { reply: 451, enhanced: '4.3.0', text: 'The routing script failed; the message was not sent, please try again later' },
+  SMTPMUX_SELECTOR_TIMEOUT: { reply: 451, enhanced: '4.3.0', text: 'The routing script ran out of time; the message was not sent, please try again later' },
+  SMTPMUX_SELECTOR_MEMORY: { reply: 451, enhanced: '4.3.0', text: 'The routing script ran out of memory; the message was not sent, please try again later' },
+  SMTPMUX_SELECTOR_BAD_RESULT: { reply: 451, enhanced: '4.3.0', text: 'The routing script returned no usable downstream; the message was not sent' },
+  SMTPMUX_SELECTOR_UNAVAILABLE: { reply: 451, enhanced: '4.3.0', text: 'The routing script is not loaded; the message was not sent, please try again later' },
+  SMTPMUX_DOWNSTREAMS_UNAVAILABLE: { reply: 451, enhanced: '4.4.1', text: 'No downstream server accepted the message for now; please try again later' },
+  SMTPMUX_DOWNSTREAM_REJECTED: { reply: 554, enhanced: '5.0.0', text: 'Every downstream server refused the message permanently' },
+  SMTPMUX_SHUTTING_DOWN: { reply: 421, enhanced: '4.3.2', text: 'SMTP Mux is shutting down; please try again later' },
+} as const satisfies Record<string, CatalogueEntry>;
+
+export type ErrorCode = keyof typeof CATALOGUE;
+
+/** An error that knows the SMTP reply it turns into. smtp-server replies with `responseCode` and `message`. */
+export class SmtpMuxError extends Error {
+  readonly code: ErrorCode;
+  readonly responseCode: number;
+  readonly enhanced: string;
+
+  constructor(code: ErrorCode, detail?: string, override?: { reply?: number; enhanced?: string }) {
+    const entry: CatalogueEntry = CATALOGUE[code];
+    const enhanced = override?.enhanced ?? entry.enhanced;
+    super(`${enhanced} ${entry.text}${detail ? ` (${detail})` : ''}`);
+    this.name = 'SmtpMuxError';
+    this.code = code;
+    this.responseCode = override?.reply ?? entry.reply;
+    this.enhanced = enhanced;
+  }
+
+  get permanent(): boolean {
+    return this.responseCode >= 500;
+  }
+}
+
+/** Errors from the sandbox boundary: what a selector did wrong, as values the host can log and classify. */
+export type SelectorFaultKind = 'threw' | 'timeout' | 'memory' | 'bad-result' | 'unavailable';
+
+export const SELECTOR_FAULT_CODE: Record<SelectorFaultKind, ErrorCode> = {
+  threw: 'SMTPMUX_SELECTOR_FAILED',
+  timeout: 'SMTPMUX_SELECTOR_TIMEOUT',
+  memory: 'SMTPMUX_SELECTOR_MEMORY',
+  'bad-result': 'SMTPMUX_SELECTOR_BAD_RESULT',
+  unavailable: 'SMTPMUX_SELECTOR_UNAVAILABLE',
+};
+
+/** Codes the send() bridge hands to a selector script besides nodemailer's own (ECONNECTION, EAUTH, ...). */
+export const SEND_CODES = {
+  SMTPMUX_UNKNOWN_DOWNSTREAM: 'No downstream by that name is configured for this user',
+  SMTPMUX_ALREADY_DELIVERED: 'This message was already delivered; it is not sent twice',
+  SMTPMUX_SEND_LIMIT: 'Too many send() calls for one message',
+  SMTPMUX_RUN_OVER: 'The selector run for this message is over',
+} as const;
+
+export type SendCode = keyof typeof SEND_CODES;

@@ -1,0 +1,264 @@
+// One selector script in one isolated-vm isolate: load, run per message, and the host's limits.
+// The isolate is created at load and reused so module state (a round-robin counter) lives across
+// messages; a run that overruns its deadline or memory disposes it, and the next run gets a fresh one
+// built from the same source. Runs of one sandbox are serialized: send() is a global, and without
+// async context a global cannot tell which of two interleaved runs called it.
+import { promises as fs } from 'node:fs';
+import ivm from 'isolated-vm';
+import { BOOTSTRAP_SOURCE } from './bootstrap';
+import type { DownstreamView, MessageSummary, RunHost, SelectorOutcome, SendRecord } from './types';
+
+export interface SandboxLimits {
+  readonly timeoutMs: number;
+  readonly memoryMb: number;
+  /** log() lines one run may write. */
+  readonly logLines?: number;
+}
+
+/** A selector that cannot be loaded: its file, where in it (file:line:col) and what is wrong. */
+export class SelectorLoadError extends Error {
+  constructor(
+    readonly file: string,
+    readonly location: string | undefined,
+    readonly reason: string,
+  ) {
+    super(`${location ?? file}: ${reason}`);
+    this.name = 'SelectorLoadError';
+  }
+}
+
+interface Instance {
+  readonly isolate: ivm.Isolate;
+  readonly settle: ivm.Reference<(id: number, record: SendRecord) => void>;
+  readonly invoke: ivm.Reference<(message: MessageSummary, downstreams: DownstreamView[], logLines: number) => Promise<unknown>>;
+}
+
+interface ActiveRun {
+  readonly instance: Instance;
+  readonly host: RunHost;
+  readonly deadline: number;
+  readonly finish: (outcome: SelectorOutcome) => void;
+  over: boolean;
+}
+
+/** What invoke() in the bootstrap returns: plain data, copied out. */
+type InvokeRecord =
+  | { kind: 'order'; targets: string[] }
+  | { kind: 'none' }
+  | { kind: 'reason'; reason: string }
+  | { kind: 'bad'; detail: string }
+  | { kind: 'threw'; name: string; message: string; stack: string; sendError: boolean };
+
+const MODULE_SYNTAX = /Cannot use import statement outside a module|Unexpected token 'export'|import declarations may only appear/;
+
+export class SelectorSandbox {
+  private instance: Promise<Instance> | undefined;
+  private queue: Promise<unknown> = Promise.resolve();
+  private active: ActiveRun | undefined;
+  private closed = false;
+
+  private constructor(
+    readonly file: string,
+    readonly source: string,
+    readonly limits: SandboxLimits,
+  ) {}
+
+  /** Reads and compiles a selector; throws SelectorLoadError naming file, line and column. */
+  static async load(file: string, limits: SandboxLimits): Promise<SelectorSandbox> {
+    let source: string;
+    try {
+      source = await fs.readFile(file, 'utf8');
+    } catch (err) {
+      throw new SelectorLoadError(file, undefined, `cannot read the selector (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    }
+    return SelectorSandbox.fromSource(file, source, limits);
+  }
+
+  static async fromSource(file: string, source: string, limits: SandboxLimits): Promise<SelectorSandbox> {
+    const sandbox = new SelectorSandbox(file, source, limits);
+    sandbox.instance = sandbox.instantiate();
+    await sandbox.instance;
+    return sandbox;
+  }
+
+  /** Runs select(message, downstreams) once; never rejects. */
+  run(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
+    const outcome = this.queue.then(() => this.execute(message, downstreams, host));
+    this.queue = outcome;
+    return outcome;
+  }
+
+  /** Disposes the isolate; runs still queued end as 'unavailable'. */
+  dispose(): void {
+    this.closed = true;
+    const current = this.instance;
+    this.instance = undefined;
+    current?.then((inst) => disposeIsolate(inst.isolate), () => undefined);
+  }
+
+  private async execute(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
+    if (this.closed) return { kind: 'fault', fault: 'unavailable', detail: 'the selector was unloaded' };
+    let instance: Instance;
+    try {
+      this.instance ??= this.instantiate();
+      instance = await this.instance;
+    } catch (err) {
+      this.instance = undefined;
+      return { kind: 'fault', fault: 'unavailable', detail: `the selector could not be rebuilt: ${(err as Error).message}` };
+    }
+    const { timeoutMs } = this.limits;
+    let finish!: (outcome: SelectorOutcome) => void;
+    const finished = new Promise<SelectorOutcome>((resolve) => (finish = resolve));
+    const run: ActiveRun = { instance, host, deadline: Date.now() + timeoutMs, finish, over: false };
+    this.active = run;
+    // isolated-vm's own timeout does not reach code that runs after an await: the host's clock does.
+    const timer = setTimeout(() => this.kill(run, 'timeout', `the selector did not finish within ${timeoutMs} ms`), timeoutMs);
+    instance.invoke
+      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50], {
+        arguments: { copy: true },
+        result: { promise: true, copy: true },
+        timeout: timeoutMs,
+      })
+      .then(
+        (record: unknown) => finish(this.outcomeOf(record as InvokeRecord)),
+        (err: Error) => this.kill(run, ...this.faultOf(instance, err)),
+      );
+    const outcome = await finished;
+    clearTimeout(timer);
+    run.over = true;
+    if (this.active === run) this.active = undefined;
+    return outcome;
+  }
+
+  /** Ends a run that broke a limit and throws its isolate away; the next run builds a fresh one. */
+  private kill(run: ActiveRun, fault: 'timeout' | 'memory' | 'threw', detail: string): void {
+    if (run.over) return;
+    run.over = true;
+    run.finish({ kind: 'fault', fault, detail });
+    if (this.instance) {
+      const stale = this.instance;
+      this.instance = undefined;
+      stale.then((inst) => inst === run.instance && disposeIsolate(inst.isolate), () => undefined);
+    }
+    disposeIsolate(run.instance.isolate);
+  }
+
+  private faultOf(instance: Instance, err: Error): ['timeout' | 'memory' | 'threw', string] {
+    const message = String(err?.message ?? err);
+    if (/memory limit/i.test(message)) return ['memory', `the selector went over its memory limit of ${this.limits.memoryMb} MB`];
+    if (/timed out/i.test(message) || instance.isolate.isDisposed) return ['timeout', `the selector did not finish within ${this.limits.timeoutMs} ms`];
+    return ['threw', message];
+  }
+
+  private outcomeOf(record: InvokeRecord): SelectorOutcome {
+    switch (record.kind) {
+      case 'order':
+      case 'none':
+        return record;
+      case 'reason':
+        return { kind: 'reason', reason: record.reason };
+      case 'bad':
+        return { kind: 'fault', fault: 'bad-result', detail: record.detail };
+      case 'threw': {
+        const location = locate(record.stack, this.file);
+        // A SendError the script let through is the send's own failure: the attempts decide the reply.
+        if (record.sendError) return { kind: 'reason', reason: record.message, location };
+        return { kind: 'fault', fault: 'threw', detail: `${record.name}: ${record.message}`, location };
+      }
+      default:
+        return { kind: 'fault', fault: 'bad-result', detail: 'the selector returned something unexpected' };
+    }
+  }
+
+  /** The host side of send(): performs the attempt, then hands the record back into the isolate. */
+  private onSend(instance: Instance, id: number, target: unknown): void {
+    const run = this.active;
+    if (!run || run.over || run.instance !== instance) return;
+    run.host.send(typeof target === 'string' ? target : null).then((record) => {
+      if (run.over) return;
+      const timeout = Math.max(1, run.deadline - Date.now());
+      // The continuation after `await send()` runs inside this apply, so its timeout bounds that code too.
+      instance.settle.apply(undefined, [id, record], { arguments: { copy: true }, timeout }).catch((err: Error) => this.kill(run, ...this.faultOf(instance, err)));
+    });
+  }
+
+  private async instantiate(): Promise<Instance> {
+    const isolate = new ivm.Isolate({ memoryLimit: this.limits.memoryMb });
+    try {
+      const context = await isolate.createContext();
+      let instance: Instance | undefined;
+      const hostSend = new ivm.Reference((id: number, target: unknown) => instance && this.onSend(instance, id, target));
+      const hostLog = new ivm.Reference((text: unknown) => this.active?.instance === instance && this.active?.host.log(String(text)));
+      const api = await context.evalClosure(BOOTSTRAP_SOURCE, [hostSend, hostLog], { result: { reference: true } });
+      const bind = await api.get('bind', { reference: true });
+      instance = {
+        isolate,
+        settle: await api.get('settle', { reference: true }),
+        invoke: await api.get('invoke', { reference: true }),
+      };
+      const select = await this.compile(isolate, context);
+      const ok = await bind.apply(undefined, [select.derefInto()], { timeout: this.limits.timeoutMs });
+      if (!ok) {
+        throw new SelectorLoadError(
+          this.file,
+          undefined,
+          'defines no select function: declare `function select(message, downstreams) { ... }` or `export default function select(message, downstreams) { ... }`',
+        );
+      }
+      return instance;
+    } catch (err) {
+      disposeIsolate(isolate);
+      throw err instanceof SelectorLoadError ? err : this.loadError(err as Error);
+    }
+  }
+
+  /** Compiles the user's code as a classic script, or as an ES module when it uses import/export. */
+  private async compile(isolate: ivm.Isolate, context: ivm.Context): Promise<ivm.Reference> {
+    const timeout = this.limits.timeoutMs;
+    try {
+      const script = await isolate.compileScript(this.source, { filename: this.file });
+      await script.run(context, { timeout });
+      return await context.evalClosure('return typeof select === "function" ? select : undefined', [], { result: { reference: true } });
+    } catch (err) {
+      if (!(err instanceof SyntaxError) || !MODULE_SYNTAX.test(err.message)) throw err;
+    }
+    const mod = await isolate.compileModule(this.source, { filename: this.file });
+    await mod.instantiate(context, (specifier) => {
+      throw new Error(`selectors cannot import modules ("${specifier}"): everything a selector needs is passed to select()`);
+    });
+    await mod.evaluate({ timeout });
+    const fallback = await mod.namespace.get('default', { reference: true });
+    return fallback.typeof === 'function' ? fallback : mod.namespace.get('select', { reference: true });
+  }
+
+  private loadError(err: Error): SelectorLoadError {
+    const message = String(err?.message ?? err);
+    if (/memory limit/i.test(message)) return new SelectorLoadError(this.file, undefined, `ran out of memory while loading (limit ${this.limits.memoryMb} MB)`);
+    if (/timed out/i.test(message)) return new SelectorLoadError(this.file, undefined, `did not finish loading within ${this.limits.timeoutMs} ms`);
+    // Syntax errors carry "[file:line:col]" in the message; runtime errors carry it in the stack.
+    const bracket = /^(.*) \[(.+):(\d+):(\d+)\]$/.exec(message);
+    if (bracket) return new SelectorLoadError(this.file, `${this.file}:${bracket[3]}:${bracket[4]}`, `${err.name}: ${bracket[1]}`);
+    return new SelectorLoadError(this.file, locate(String(err?.stack ?? ''), this.file), `${err?.name ?? 'Error'}: ${message}`);
+  }
+}
+
+/** The first stack frame inside the selector's own file, as file:line:col. */
+export function locate(stack: string, file: string): string | undefined {
+  for (const line of stack.split('\n')) {
+    const at = line.lastIndexOf(`${file}:`);
+    if (at < 0) continue;
+    const match = /^:(\d+):(\d+)/.exec(line.slice(at + file.length));
+    if (match) return `${file}:${match[1]}:${match[2]}`;
+  }
+  return undefined;
+}
+
+function disposeIsolate(isolate: ivm.Isolate): void {
+  if (!isolate.isDisposed) {
+    try {
+      isolate.dispose();
+    } catch {
+      // already disposed by V8 after a memory overrun
+    }
+  }
+}
