@@ -1,0 +1,167 @@
+// Ambient declarations for SMTP Mux selector scripts: what a script sees, and nothing more.
+//
+// Selector scripts are plain JavaScript run in an isolated-vm isolate. Put these two lines at the top of
+// a script so an editor (or `tsc -p selectors`) type-checks it against this file:
+//
+//   // @ts-check
+//   /// <reference path="./smtpmux.d.ts" />
+//
+// and annotate the entry point:
+//
+//   /** @param {Message} message @param {readonly Downstream[]} downstreams @returns {SelectResult} */
+//   function select(message, downstreams) { ... }
+//
+// This file is a global declaration file (no import/export): every name below is a global of the sandbox.
+// There is no require, process, timers, fs or network inside the sandbox, so none is declared here.
+
+/** The message being routed: a frozen, read-only copy of its envelope and a few headers. */
+interface Message {
+  /** SMTP Mux's id for this message (also in the host's log lines). */
+  readonly id: string;
+  /** The login (email) of the SMTP Mux user who submitted the message. */
+  readonly user: string;
+  /** Envelope sender (MAIL FROM), e.g. "alice@example.com"; "" for a null sender (bounces). */
+  readonly from: string;
+  /** Envelope recipients (RCPT TO), in the order given; at least one for a normal message. */
+  readonly to: readonly string[];
+  /** Size of the message in bytes, headers included. */
+  readonly size: number;
+  /** The decoded Subject header; "" when there is none. */
+  readonly subject: string;
+  /** IP address of the client that submitted the message. */
+  readonly clientAddress: string;
+}
+
+/** How SMTP Mux talks TLS to a downstream (the `tls` key of its config). */
+type DownstreamTls = 'auto' | 'none' | 'starttls' | 'tls';
+
+/** A downstream SMTP server of the user, as configured: a frozen copy, never its credentials. */
+interface Downstream {
+  /** Its name in the config (`name:`, or its `addr` when it has no name); unique per user. */
+  readonly name: string;
+  /** "host:port" as configured. */
+  readonly addr: string;
+  /** Host part of `addr`. */
+  readonly host: string;
+  /** Port part of `addr`. */
+  readonly port: number;
+  /** TLS mode: "auto", "none", "starttls" or "tls". */
+  readonly tls: DownstreamTls | (string & {});
+  /** Free-form tags from the config (`tags: [domain:example.com, default]`), for scripts to route by. */
+  readonly tags: readonly string[];
+  /** Relative weight from the config (default 1, may be 0), for weighted strategies. */
+  readonly weight: number;
+}
+
+/** What `await send(ds)` resolves with when a downstream accepted the message. Frozen. */
+interface SendResult {
+  readonly ok: true;
+  /** Name of the downstream that accepted the message. */
+  readonly downstream: string;
+  /** The downstream's final SMTP reply code (250 normally). */
+  readonly responseCode: number;
+  /** The downstream's final SMTP reply text, e.g. "250 2.0.0 Ok: queued as 4B1C2". */
+  readonly response: string;
+  /** How long the delivery took, in milliseconds. */
+  readonly ms: number;
+}
+
+/**
+ * Codes a SendError may carry: nodemailer's delivery codes plus SMTP Mux's own. Other strings are
+ * possible (nodemailer grows new codes), so compare against the ones you care about.
+ */
+type SendErrorCode =
+  /** Could not connect to the downstream. */
+  | 'ECONNECTION'
+  /** The connection or a command timed out. */
+  | 'ETIMEDOUT'
+  /** A socket error in the middle of the conversation. */
+  | 'ESOCKET'
+  /** The downstream refused SMTP Mux's login. */
+  | 'EAUTH'
+  /** The downstream wants a login but none is configured. */
+  | 'ENOAUTH'
+  /** The downstream rejected the sender or the recipients. */
+  | 'EENVELOPE'
+  /** The downstream rejected the message data. */
+  | 'EMESSAGE'
+  /** The downstream's host name did not resolve. */
+  | 'EDNS'
+  /** TLS negotiation failed. */
+  | 'ETLS'
+  /** The downstream spoke something that is not SMTP, or answered out of turn. */
+  | 'EPROTOCOL'
+  /** Reading the message to send failed. */
+  | 'ESTREAM'
+  /** No downstream of this user has that name. */
+  | 'SMTPMUX_UNKNOWN_DOWNSTREAM'
+  /** An earlier send() of this message already succeeded: it is never sent twice. */
+  | 'SMTPMUX_ALREADY_DELIVERED'
+  /** This run has used up its send() calls (`limits.max_sends` in the config). */
+  | 'SMTPMUX_SEND_LIMIT'
+  /** The selector run for this message is already over. */
+  | 'SMTPMUX_RUN_OVER'
+  | (string & {});
+
+/** The plain record a SendError is built from. */
+interface SendErrorRecord {
+  readonly code: SendErrorCode;
+  readonly downstream: string | null;
+  readonly response?: string;
+  readonly responseCode?: number;
+  readonly permanent: boolean;
+  readonly message: string;
+}
+
+/**
+ * What `send()` throws when a delivery attempt failed. A global class: test with `err instanceof SendError`.
+ * Letting one escape select() fails the message, and the host answers the client from the attempts made
+ * (temporary 4xx unless every downstream refused permanently).
+ */
+declare class SendError extends Error {
+  constructor(record: SendErrorRecord);
+  readonly name: 'SendError';
+  /** Why it failed, e.g. "ECONNECTION", "EENVELOPE", "SMTPMUX_ALREADY_DELIVERED". */
+  readonly code: SendErrorCode;
+  /** Name of the downstream tried; null when the argument named no downstream. */
+  readonly downstream: string | null;
+  /** The downstream's SMTP reply text, when it answered at all. */
+  readonly response: string | undefined;
+  /** The downstream's SMTP reply code (421, 450, 550, 554, ...), when it answered at all. */
+  readonly responseCode: number | undefined;
+  /** True when retrying later will not help (a 5xx reply); false for temporary failures. */
+  readonly permanent: boolean;
+}
+
+/**
+ * Delivers the message through `ds` (a downstream object or its name) now. Resolves with the downstream's
+ * reply when it accepted the message; rejects with a SendError otherwise. Once one send() succeeded the
+ * message is delivered and later calls reject with code SMTPMUX_ALREADY_DELIVERED.
+ */
+declare function send(ds: Downstream | string): Promise<SendResult>;
+
+/** Writes a line to SMTP Mux's log (values are JSON-encoded; lines and calls per message are bounded). */
+declare function log(...args: unknown[]): void;
+
+/** console.* are aliases of log(). */
+interface Console {
+  log(...args: any[]): void;
+  info(...args: any[]): void;
+  warn(...args: any[]): void;
+  error(...args: any[]): void;
+  debug(...args: any[]): void;
+}
+declare var console: Console;
+
+/**
+ * What select() may return (or resolve with):
+ * - a list of downstreams (objects or names): the host tries them in order, stopping at the first that accepts;
+ * - a single downstream object, or a downstream's name: a list of one;
+ * - any other string: the message fails with that string as the reason;
+ * - undefined (nothing): the script drove send() itself and is done.
+ * Throwing also fails the message; an escaping SendError is treated as that send's failure.
+ */
+type SelectResult = readonly (Downstream | string)[] | Downstream | string | undefined | void;
+
+/** The shape of a selector's entry point: `function select(message, downstreams)`, sync or async. */
+type SelectFunction = (message: Message, downstreams: readonly Downstream[]) => SelectResult | Promise<SelectResult>;

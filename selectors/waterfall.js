@@ -1,0 +1,41 @@
+// @ts-check
+/// <reference path="./smtpmux.d.ts" />
+/**
+ * Waterfall: try every downstream in config order, driving send() directly.
+ *
+ * The first downstream in the config gets every message; when it fails (temporarily or permanently)
+ * the failure is logged and the next one is tried, and so on until one accepts. When all of them fail,
+ * the last SendError is rethrown, and the host answers the client from the attempts it recorded
+ * (a temporary 4xx unless every downstream refused the message permanently).
+ *
+ * Configure:   users: [{ ..., selector: waterfall.js, downstreams: [primary, backup, last-resort] }]
+ * Order the downstreams by preference. `limits.max_sends` (default 5) caps how many are tried.
+ */
+
+/**
+ * @param {Message} message
+ * @param {readonly Downstream[]} downstreams
+ * @returns {Promise<SelectResult>}
+ */
+async function select(message, downstreams) {
+  if (downstreams.length === 0) return 'no downstream is configured';
+  /** @type {SendError | undefined} */
+  let last;
+  for (const ds of downstreams) {
+    try {
+      const result = await send(ds);
+      log(`${message.id}: delivered via ${result.downstream} in ${result.ms} ms`);
+      return undefined; // delivered: nothing for the host to do
+    } catch (err) {
+      if (!(err instanceof SendError)) throw err; // a bug, not a delivery failure
+      if (err.code === 'SMTPMUX_SEND_LIMIT') {
+        log(`${message.id}: send limit reached before trying ${ds.name}`);
+        break;
+      }
+      last = err;
+      const kind = err.permanent ? 'permanent' : 'temporary';
+      log(`${message.id}: ${ds.name} failed (${kind}, ${err.code}${err.responseCode ? ` ${err.responseCode}` : ''}): ${err.message}`);
+    }
+  }
+  throw last ?? new SendError({ code: 'SMTPMUX_SEND_LIMIT', downstream: null, permanent: false, message: 'no downstream could be tried' });
+}
