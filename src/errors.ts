@@ -21,6 +21,7 @@ export const CATALOGUE = {
   SMTPMUX_SELECTOR_UNAVAILABLE: { reply: 451, enhanced: '4.3.0', text: 'The routing script is not loaded; the message was not sent, please try again later' },
   SMTPMUX_DOWNSTREAMS_UNAVAILABLE: { reply: 451, enhanced: '4.4.1', text: 'No downstream server accepted the message for now; please try again later' },
   SMTPMUX_DOWNSTREAM_REJECTED: { reply: 554, enhanced: '5.0.0', text: 'Every downstream server refused the message permanently' },
+  SMTPMUX_USER_GONE: { reply: 451, enhanced: '4.7.0', text: 'Your login is no longer configured; reconnect and log in again' },
   SMTPMUX_SHUTTING_DOWN: { reply: 421, enhanced: '4.3.2', text: 'SMTP Mux is shutting down; please try again later' },
 } as const satisfies Record<string, CatalogueEntry>;
 
@@ -32,7 +33,11 @@ export class SmtpMuxError extends Error {
   readonly responseCode: number;
   readonly enhanced: string;
 
-  constructor(code: ErrorCode, detail?: string, override?: { reply?: number; enhanced?: string }) {
+  constructor(
+    code: ErrorCode,
+    readonly detail?: string,
+    private readonly override?: { reply?: number; enhanced?: string },
+  ) {
     const entry: CatalogueEntry = CATALOGUE[code];
     const enhanced = override?.enhanced ?? entry.enhanced;
     super(`${enhanced} ${entry.text}${detail ? ` (${detail})` : ''}`);
@@ -40,6 +45,11 @@ export class SmtpMuxError extends Error {
     this.code = code;
     this.responseCode = override?.reply ?? entry.reply;
     this.enhanced = enhanced;
+  }
+
+  /** The same error with more detail for the reply, e.g. the message id to look up in the log. */
+  withDetail(more: string): SmtpMuxError {
+    return new SmtpMuxError(this.code, this.detail ? `${more}; ${this.detail}` : more, this.override);
   }
 
   get permanent(): boolean {

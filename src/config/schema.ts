@@ -18,7 +18,8 @@ const byteSize = z.union([
   }),
 ]);
 
-const port = z.coerce.number().int().min(1).max(65535);
+// 0 lets the OS pick a free port (tests do).
+const port = z.coerce.number().int().min(0).max(65535);
 
 const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d{1,5}$/, 'must be host:port, e.g. "smtp.example.com:587"');
 

@@ -131,7 +131,7 @@ export class SelectorSandbox {
   }
 
   /** Ends a run that broke a limit and throws its isolate away; the next run builds a fresh one. */
-  private kill(run: ActiveRun, fault: 'timeout' | 'memory' | 'threw', detail: string): void {
+  private kill(run: ActiveRun, fault: 'timeout' | 'memory' | 'threw' | 'unavailable', detail: string): void {
     if (run.over) return;
     run.over = true;
     run.finish({ kind: 'fault', fault, detail });
@@ -143,8 +143,9 @@ export class SelectorSandbox {
     disposeIsolate(run.instance.isolate);
   }
 
-  private faultOf(instance: Instance, err: Error): ['timeout' | 'memory' | 'threw', string] {
+  private faultOf(instance: Instance, err: Error): ['timeout' | 'memory' | 'threw' | 'unavailable', string] {
     const message = String(err?.message ?? err);
+    if (this.closed) return ['unavailable', 'the selector was unloaded while it ran'];
     if (/memory limit/i.test(message)) return ['memory', `the selector went over its memory limit of ${this.limits.memoryMb} MB`];
     if (/timed out/i.test(message) || instance.isolate.isDisposed) return ['timeout', `the selector did not finish within ${this.limits.timeoutMs} ms`];
     return ['threw', message];
@@ -174,7 +175,10 @@ export class SelectorSandbox {
   private onSend(instance: Instance, id: number, target: unknown): void {
     const run = this.active;
     if (!run || run.over || run.instance !== instance) return;
-    run.host.send(typeof target === 'string' ? target : null).then((record) => {
+    const sent = run.host.send(typeof target === 'string' ? target : null).catch(
+      (err: Error): SendRecord => ({ ok: false, downstream: null, code: 'EUNKNOWN', permanent: false, message: String(err?.message ?? err), ms: 0 }),
+    );
+    sent.then((record) => {
       if (run.over) return;
       const timeout = Math.max(1, run.deadline - Date.now());
       // The continuation after `await send()` runs inside this apply, so its timeout bounds that code too.

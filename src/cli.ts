@@ -1,0 +1,159 @@
+#!/usr/bin/env node
+// The command line: `smtpmux serve | check | try | health`. isolated-vm needs --no-node-snapshot, so
+// when it is missing the CLI replaces itself with a node that has it, before loading anything else.
+import { parseArgs } from 'node:util';
+
+function ensureNoNodeSnapshot(): void {
+  const flag = '--no-node-snapshot';
+  if (process.execArgv.includes(flag) || (process.env.NODE_OPTIONS ?? '').split(/\s+/).includes(flag)) return;
+  const args = [process.execPath, flag, ...process.execArgv, __filename, ...process.argv.slice(2)];
+  if (typeof process.execve === 'function') process.execve(process.execPath, args, process.env);
+  // Node without execve (before 22.15): run a child and mirror its fate.
+  const { spawnSync } = require('node:child_process') as typeof import('node:child_process');
+  const child = spawnSync(args[0], args.slice(1), { stdio: 'inherit' });
+  process.exit(child.status ?? 1);
+}
+
+const USAGE = `Usage: smtpmux <command> [options]
+
+Commands:
+  serve     run the proxy (default)
+  check     validate the config and compile every selector
+  try       dry-run a user's selector with a made-up message (nothing is delivered)
+  health    exit 0 when the proxy answers on its SMTP port (for container health checks)
+
+Options:
+  -c, --config PATH   config file (default: $SMTPMUX_CONFIG or config/config.yaml)
+  -h, --help          show this help
+Run "smtpmux try --help" for the options of try.`;
+
+async function main(): Promise<number> {
+  const argv = process.argv.slice(2);
+  const command = argv[0] && !argv[0].startsWith('-') ? argv.shift()! : 'serve';
+  if (argv.includes('-h') || argv.includes('--help') || command === 'help') {
+    if (command === 'try') {
+      const { TRY_USAGE } = await import('./try');
+      console.log(TRY_USAGE);
+    } else console.log(USAGE);
+    return 0;
+  }
+  const configPath = (): string => {
+    const { values } = parseArgs({ args: argv, options: { config: { type: 'string', short: 'c' } }, strict: false });
+    return (values.config as string | undefined) ?? process.env.SMTPMUX_CONFIG ?? 'config/config.yaml';
+  };
+  switch (command) {
+    case 'serve':
+      return serve(configPath());
+    case 'check':
+      return check(configPath());
+    case 'health':
+      return health(configPath());
+    case 'try': {
+      const { runTry } = await import('./try');
+      return runTry(argv);
+    }
+    default:
+      console.error(`smtpmux: unknown command "${command}"\n\n${USAGE}`);
+      return 2;
+  }
+}
+
+/** Prints a start-up failure the way a person wants to read it: each problem on its own line. */
+function reportFailure(err: unknown): number {
+  const { ConfigError } = require('./config/load') as typeof import('./config/load');
+  const { RuntimeBuildError } = require('./runtime') as typeof import('./runtime');
+  if (err instanceof ConfigError) console.error(`smtpmux: the config has ${err.problems.length} problem(s):\n${err.problems.map((p) => `  ${p}`).join('\n')}`);
+  else if (err instanceof RuntimeBuildError) console.error(`smtpmux: ${err.failures.length} selector(s) failed to load:\n${err.failures.map((f) => `  ${f.message}`).join('\n')}`);
+  else if ((err as NodeJS.ErrnoException)?.code === 'EADDRINUSE') console.error(`smtpmux: the SMTP port is already in use (${(err as Error).message})`);
+  else console.error(`smtpmux: ${(err as Error)?.stack ?? err}`);
+  return 1;
+}
+
+async function serve(config: string): Promise<number> {
+  const { App } = await import('./app');
+  let app: Awaited<ReturnType<typeof App.start>>;
+  try {
+    app = await App.start({ configPath: config });
+  } catch (err) {
+    return reportFailure(err);
+  }
+  const { watchForReload } = await import('./config/watch');
+  const stopWatching = watchForReload(app);
+  process.on('SIGHUP', () => void app.reload('SIGHUP'));
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (signal: string): void => {
+      if (stopping) {
+        app.logger.warn({ signal }, 'second signal: exiting now');
+        process.exit(1);
+      }
+      stopping = true;
+      app.logger.info({ signal }, 'signal received');
+      stopWatching();
+      app.close().then(() => resolve(0), () => resolve(1));
+    };
+    process.on('SIGINT', () => stop('SIGINT'));
+    process.on('SIGTERM', () => stop('SIGTERM'));
+  });
+}
+
+async function check(config: string): Promise<number> {
+  const { loadConfig } = await import('./config/load');
+  const { Runtime } = await import('./runtime');
+  try {
+    const loaded = await loadConfig(config);
+    const { runtime } = await Runtime.build(loaded);
+    runtime.retire(null);
+    for (const warning of loaded.warnings) console.log(`warning: ${warning}`);
+    const downstreams = loaded.users.reduce((n, u) => n + u.downstreams.length, 0);
+    console.log(`${loaded.file}: OK (${loaded.users.length} user(s), ${downstreams} downstream(s), ${runtime.sandboxes.size} selector(s) compiled)`);
+    return 0;
+  } catch (err) {
+    return reportFailure(err);
+  }
+}
+
+async function health(config: string): Promise<number> {
+  const net = await import('node:net');
+  let port = Number(process.env.SMTPMUX_PORT || 0);
+  let host = '127.0.0.1';
+  if (!port) {
+    const { loadConfig } = await import('./config/load');
+    try {
+      const loaded = await loadConfig(config);
+      port = loaded.listen.port;
+      if (!['0.0.0.0', '::', '127.0.0.1', 'localhost'].includes(loaded.listen.host)) host = loaded.listen.host;
+    } catch (err) {
+      return reportFailure(err);
+    }
+  }
+  return new Promise<number>((resolve) => {
+    const socket = net.connect({ host, port });
+    const done = (code: number, why: string): void => {
+      socket.destroy();
+      if (code !== 0) console.error(`smtpmux health: ${why}`);
+      resolve(code);
+    };
+    socket.setTimeout(5000, () => done(1, `no greeting from ${host}:${port} within 5 s`));
+    socket.once('error', (err) => done(1, `${host}:${port}: ${err.message}`));
+    socket.once('data', (chunk) => {
+      if (chunk.toString('latin1').startsWith('220')) {
+        socket.end('QUIT\r\n');
+        done(0, '');
+      } else done(1, `unexpected greeting: ${chunk.toString('latin1').trim()}`);
+    });
+  });
+}
+
+ensureNoNodeSnapshot();
+main().then(
+  (code) => {
+    process.exitCode = code;
+    // Pools and timers are closed by now; exit so a stray handle cannot keep the process alive.
+    setTimeout(() => process.exit(code), 200).unref();
+  },
+  (err) => {
+    console.error(err);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,93 @@
+// One downstream SMTP server as a pooled nodemailer transport, reused across messages. A pool is
+// identified by its connection settings (`poolKey`), so a reload that leaves a downstream's
+// settings alone keeps its open connections.
+import { createHash } from 'node:crypto';
+import type { Readable } from 'node:stream';
+import nodemailer from 'nodemailer';
+import type { DownstreamConfig } from '../config/load';
+import { classifyFailure, type AttemptFailure } from './classify';
+
+export interface PoolSettings {
+  readonly connectTimeoutMs: number;
+  readonly socketTimeoutMs: number;
+  readonly maxConnections: number;
+  /** Our name in EHLO. */
+  readonly hostname?: string;
+}
+
+export interface Envelope {
+  readonly from: string;
+  readonly to: readonly string[];
+  readonly use8BitMime: boolean;
+  readonly size: number;
+}
+
+export type AttemptResult =
+  | { readonly ok: true; readonly responseCode: number; readonly response: string; readonly rejected: readonly string[] }
+  | ({ readonly ok: false } & AttemptFailure);
+
+/** A stable identity for a downstream's connection settings; credentials enter only as a hash. */
+export function poolKey(ds: DownstreamConfig, settings: PoolSettings): string {
+  const secret = createHash('sha256').update(`${ds.user ?? ''}\0${ds.pass ?? ''}`).digest('hex').slice(0, 16);
+  return JSON.stringify([ds.host, ds.port, ds.tls, ds.verifyTls, secret, settings.connectTimeoutMs, settings.socketTimeoutMs, settings.maxConnections, settings.hostname ?? '']);
+}
+
+export class DownstreamPool {
+  private readonly transport;
+  private inFlight = 0;
+
+  constructor(
+    readonly key: string,
+    ds: DownstreamConfig,
+    settings: PoolSettings,
+  ) {
+    this.transport = nodemailer.createTransport({
+      pool: true,
+      host: ds.host,
+      port: ds.port,
+      secure: ds.tls === 'tls',
+      requireTLS: ds.tls === 'starttls',
+      ignoreTLS: ds.tls === 'none',
+      tls: { rejectUnauthorized: ds.verifyTls, servername: ds.host },
+      auth: ds.user !== undefined ? { user: ds.user, pass: ds.pass } : undefined,
+      name: settings.hostname,
+      maxConnections: settings.maxConnections,
+      // The body is a one-shot stream per attempt: nodemailer must not resend it on another
+      // connection by itself; failover is ours to decide.
+      maxRequeues: 0,
+      connectionTimeout: settings.connectTimeoutMs,
+      greetingTimeout: settings.connectTimeoutMs,
+      socketTimeout: settings.socketTimeoutMs,
+      disableFileAccess: true,
+      disableUrlAccess: true,
+      logger: false,
+    });
+  }
+
+  /** Sends the raw message unchanged with the given envelope; never rejects. */
+  async send(envelope: Envelope, raw: Buffer | Readable): Promise<AttemptResult> {
+    this.inFlight++;
+    try {
+      const info = await this.transport.sendMail({
+        envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
+        raw,
+      });
+      const response = String(info.response ?? '');
+      const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
+      return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
+    } catch (err) {
+      return { ok: false, ...classifyFailure(err) };
+    } finally {
+      this.inFlight--;
+      if (typeof raw !== 'object' || !Buffer.isBuffer(raw)) (raw as Readable).destroy();
+    }
+  }
+
+  get busy(): boolean {
+    return this.inFlight > 0;
+  }
+
+  close(): void {
+    this.transport.close();
+  }
+}

@@ -1,0 +1,122 @@
+// A message body received once and replayed per delivery attempt. Small bodies stay in memory as one
+// Buffer; past the spill threshold the bytes go to a private temp file, so many large concurrent
+// messages do not fill the heap. Each attempt reads a fresh stream of the same bytes. The header block
+// is kept aside (bounded) so the selector can be told the subject.
+import { createReadStream, createWriteStream, promises as fs, type WriteStream } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Writable, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+
+export const SPILL_THRESHOLD = 1024 * 1024;
+const MAX_HEADER_BYTES = 64 * 1024;
+
+export class MessageBody {
+  private constructor(
+    readonly size: number,
+    readonly headerBlock: string,
+    private readonly memory: Buffer | undefined,
+    private readonly file: string | undefined,
+  ) {}
+
+  /**
+   * Reads a DATA stream to its end. Bytes beyond `maxSize` are counted but not stored: the caller
+   * answers 552 after the stream is drained, as SMTP requires.
+   */
+  static async receive(stream: Readable, options: { maxSize: number; spillThreshold?: number; tmpDir?: string }): Promise<MessageBody> {
+    const threshold = options.spillThreshold ?? SPILL_THRESHOLD;
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let stored = 0;
+    let header: Buffer | undefined;
+    let headerParts: Buffer[] = [];
+    let headerSize = 0;
+    let dir: string | undefined;
+    let file: string | undefined;
+    let out: WriteStream | undefined;
+
+    const writeToFile = (chunk: Buffer): Promise<void> =>
+      new Promise((resolve, reject) => {
+        if ((out as WriteStream).write(chunk)) resolve();
+        else {
+          out!.once('drain', resolve);
+          out!.once('error', reject);
+        }
+      });
+
+    const sink = new Writable({
+      write: (chunk: Buffer, _encoding, done) => {
+        size += chunk.length;
+        if (header === undefined) {
+          headerParts.push(chunk);
+          headerSize += chunk.length;
+          const joined = Buffer.concat(headerParts);
+          const end = headerEnd(joined);
+          if (end >= 0 || headerSize >= MAX_HEADER_BYTES) {
+            header = joined.subarray(0, end >= 0 ? end : MAX_HEADER_BYTES);
+            headerParts = [];
+          } else {
+            headerParts = [joined];
+          }
+        }
+        if (size > options.maxSize) return done();
+        stored += chunk.length;
+        if (!out && stored <= threshold) {
+          chunks.push(chunk);
+          return done();
+        }
+        const spill = async (): Promise<void> => {
+          if (!out) {
+            dir = await fs.mkdtemp(path.join(options.tmpDir ?? os.tmpdir(), 'smtpmux-'));
+            file = path.join(dir, 'message.eml');
+            out = createWriteStream(file, { mode: 0o600 });
+            for (const early of chunks.splice(0)) await writeToFile(early);
+          }
+          await writeToFile(chunk);
+        };
+        spill().then(() => done(), done);
+      },
+      final: (done) => {
+        if (!out) return done();
+        out.end(done);
+      },
+    });
+
+    try {
+      await pipeline(stream, sink);
+    } catch (err) {
+      if (dir) await fs.rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+    const headerText = (header ?? Buffer.concat(headerParts)).toString('utf8');
+    return new MessageBody(size, headerText, out ? undefined : Buffer.concat(chunks), file);
+  }
+
+  /** True when more bytes arrived than the limit allowed: the body is incomplete and must not be sent. */
+  exceeds(limit: number): boolean {
+    return this.size > limit;
+  }
+
+  /** A fresh copy of the bytes for one delivery attempt. */
+  open(): Buffer | Readable {
+    if (this.memory) return this.memory;
+    return createReadStream(this.file as string);
+  }
+
+  get spilled(): boolean {
+    return this.file !== undefined;
+  }
+
+  /** Removes the temp file, if any. Safe to call more than once. */
+  async dispose(): Promise<void> {
+    if (this.file) await fs.rm(path.dirname(this.file), { recursive: true, force: true });
+  }
+}
+
+/** Index of the blank line that ends the header block, or -1. */
+function headerEnd(buf: Buffer): number {
+  const crlf = buf.indexOf('\r\n\r\n');
+  const lf = buf.indexOf('\n\n');
+  if (crlf >= 0 && (lf < 0 || crlf <= lf)) return crlf;
+  return lf;
+}

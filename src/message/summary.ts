@@ -1,0 +1,17 @@
+// Builds what a selector is told about a message from the envelope and the header block.
+import libmime from 'libmime';
+import type { MessageSummary } from '../selector/types';
+
+export function subjectOf(headerBlock: string): string {
+  try {
+    const headers = libmime.decodeHeaders(headerBlock) as Record<string, string[] | undefined>;
+    const raw = headers.subject?.[0];
+    return raw === undefined ? '' : libmime.decodeWords(raw).slice(0, 1000);
+  } catch {
+    return '';
+  }
+}
+
+export function summarize(fields: Omit<MessageSummary, 'subject'>, headerBlock: string): MessageSummary {
+  return { ...fields, to: [...fields.to], subject: subjectOf(headerBlock) };
+}

@@ -1,0 +1,61 @@
+// One message, one way through: selector run → delivery attempts → one verdict → one log line.
+import path from 'node:path';
+import { Delivery } from './delivery/transaction';
+import type { Envelope } from './delivery/pool';
+import type { MessageBody } from './message/body';
+import type { Logger } from './observe/logger';
+import type { Runtime, UserRuntime } from './runtime';
+import type { MessageSummary, SelectorOutcome } from './selector/types';
+import type { SmtpMuxError } from './errors';
+
+export interface Routed {
+  /** null: delivered, answer 250. */
+  readonly error: SmtpMuxError | null;
+  readonly downstream?: string;
+}
+
+export async function routeMessage(
+  runtime: Runtime,
+  user: UserRuntime,
+  message: MessageSummary,
+  envelope: Envelope,
+  body: MessageBody,
+  logger: Logger,
+): Promise<Routed> {
+  const started = Date.now();
+  const selector = path.relative(process.cwd(), user.selectorFile) || user.selectorFile;
+  const log = logger.child({ msgId: message.id, user: user.email });
+  const delivery = new Delivery(body, envelope, user.targets, runtime.config.limits.maxSends);
+
+  const outcome: SelectorOutcome = await user.selector.run(message, user.downstreams, {
+    send: (target) => delivery.send(target),
+    log: (text) => log.info({ selector, scriptLog: true }, text),
+  });
+  if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
+  // A send() the script did not wait for may still deliver: the answer waits for every attempt.
+  await delivery.settled();
+  const verdict = delivery.verdict(outcome);
+
+  const line = {
+    from: envelope.from,
+    rcpts: envelope.to.length,
+    size: body.size,
+    spilled: body.spilled || undefined,
+    selector,
+    attempts: delivery.attempts.map(({ response: _response, ...attempt }) => attempt),
+    selectorResult: outcome.kind === 'order' ? { kind: 'order', targets: outcome.targets } : outcome,
+    problems: delivery.problems.length > 0 ? delivery.problems : undefined,
+    refusedRecipients: delivery.delivered?.rejected.length ? delivery.delivered.rejected : undefined,
+    reply: verdict.error ? `${verdict.error.responseCode} ${verdict.error.enhanced}` : '250 2.0.0',
+    ms: Date.now() - started,
+  };
+  if (verdict.delivered) {
+    // The script may still have failed after its send() succeeded: 250 stands, the failure is logged.
+    const level = outcome.kind === 'fault' || outcome.kind === 'reason' || line.refusedRecipients ? 'warn' : 'info';
+    log[level]({ ...line, outcome: 'delivered', downstream: verdict.downstream }, 'message delivered');
+  } else {
+    const temporary = (verdict.error?.responseCode ?? 451) < 500;
+    log.warn({ ...line, outcome: temporary ? 'deferred' : 'rejected', code: verdict.error?.code }, temporary ? 'message deferred' : 'message rejected');
+  }
+  return { error: verdict.error, downstream: verdict.downstream };
+}

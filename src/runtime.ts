@@ -1,0 +1,195 @@
+// The Runtime: one immutable snapshot of everything a message needs — the frozen config, each user's
+// compiled selector and the downstream pools. A reload builds a complete new Runtime off to the side
+// and swaps one reference; pools and selectors that did not change are carried over, and the old
+// Runtime closes what was not carried once its last in-flight message is done.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import type { Config, UserConfig } from './config/load';
+import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
+import type { DeliveryTarget } from './delivery/transaction';
+import { SelectorLoadError, SelectorSandbox } from './selector/sandbox';
+import type { DownstreamView } from './selector/types';
+
+export interface UserRuntime {
+  readonly email: string;
+  readonly selectorFile: string;
+  readonly selector: SelectorSandbox;
+  readonly downstreams: readonly DownstreamView[];
+  /** By name and by addr. */
+  readonly targets: ReadonlyMap<string, DeliveryTarget>;
+  readonly passwordDigest: Buffer;
+}
+
+export interface RuntimeChanges {
+  readonly usersAdded: string[];
+  readonly usersRemoved: string[];
+  readonly usersChanged: string[];
+  readonly poolsOpened: number;
+  readonly poolsKept: number;
+  readonly poolsClosed: number;
+  readonly selectorsCompiled: string[];
+  readonly selectorsKept: number;
+  /** Settings that only take effect after a restart. */
+  readonly needsRestart: string[];
+}
+
+/** A reload that could not be built: every selector that failed, each with file:line:col. */
+export class RuntimeBuildError extends Error {
+  constructor(readonly failures: readonly SelectorLoadError[]) {
+    super(failures.map((f) => f.message).join('\n'));
+    this.name = 'RuntimeBuildError';
+  }
+}
+
+const digest = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest();
+
+export class Runtime {
+  private inFlight = 0;
+  private retiredFor: Runtime | null | undefined;
+
+  private constructor(
+    readonly config: Config,
+    private readonly users: ReadonlyMap<string, UserRuntime>,
+    readonly pools: ReadonlyMap<string, DownstreamPool>,
+    readonly sandboxes: ReadonlyMap<string, SelectorSandbox>,
+  ) {}
+
+  /**
+   * Builds a Runtime from a validated config, reusing what `previous` already has. Either everything
+   * compiles and the new Runtime is returned, or nothing it created survives and RuntimeBuildError says why.
+   */
+  static async build(config: Config, previous?: Runtime): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
+    const settings: PoolSettings = { ...config.delivery, hostname: config.hostname };
+    const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb };
+    const pools = new Map<string, DownstreamPool>();
+    const sandboxes = new Map<string, SelectorSandbox>();
+    const created: SelectorSandbox[] = [];
+    const compiled: string[] = [];
+    const failures: SelectorLoadError[] = [];
+
+    const sandboxFor = async (user: UserConfig): Promise<SelectorSandbox | undefined> => {
+      let source: string;
+      try {
+        source = await fs.readFile(user.selectorPath, 'utf8');
+      } catch (err) {
+        failures.push(new SelectorLoadError(user.selectorPath, undefined, `cannot read the selector (${(err as NodeJS.ErrnoException).code ?? String(err)})`));
+        return undefined;
+      }
+      // One isolate per (user, selector file): users never share a heap.
+      const key = JSON.stringify([user.email.toLowerCase(), user.selectorPath, digest(source).toString('hex'), limits]);
+      const existing = sandboxes.get(key) ?? previous?.sandboxes.get(key);
+      if (existing) {
+        sandboxes.set(key, existing);
+        return existing;
+      }
+      try {
+        const sandbox = await SelectorSandbox.fromSource(user.selectorPath, source, limits);
+        created.push(sandbox);
+        compiled.push(user.selectorPath);
+        sandboxes.set(key, sandbox);
+        return sandbox;
+      } catch (err) {
+        failures.push(err instanceof SelectorLoadError ? err : new SelectorLoadError(user.selectorPath, undefined, String(err)));
+        return undefined;
+      }
+    };
+
+    const users = new Map<string, UserRuntime>();
+    for (const user of config.users) {
+      const selector = await sandboxFor(user);
+      const entries: DeliveryTarget[] = user.downstreams.map((ds) => {
+        const key = poolKey(ds, settings);
+        const pool = pools.get(key) ?? previous?.pools.get(key) ?? new DownstreamPool(key, ds, settings);
+        pools.set(key, pool);
+        const view: DownstreamView = Object.freeze({ name: ds.name, addr: ds.addr, host: ds.host, port: ds.port, tls: ds.tls, tags: ds.tags, weight: ds.weight });
+        return { view, pool };
+      });
+      const views = entries.map((e) => e.view);
+      // A downstream is found by addr or by name; names win where one's name is another's addr.
+      const targets = new Map<string, DeliveryTarget>([...entries.map((e) => [e.view.addr, e] as const), ...entries.map((e) => [e.view.name, e] as const)]);
+      if (selector) {
+        users.set(user.email.toLowerCase(), {
+          email: user.email,
+          selectorFile: user.selectorPath,
+          selector,
+          downstreams: Object.freeze(views),
+          targets,
+          passwordDigest: digest(user.password),
+        });
+      }
+    }
+
+    if (failures.length > 0) {
+      for (const sandbox of created) sandbox.dispose();
+      for (const [key, pool] of pools) if (!previous?.pools.has(key)) pool.close();
+      throw new RuntimeBuildError(failures);
+    }
+
+    const runtime = new Runtime(config, users, pools, sandboxes);
+    return { runtime, changes: describeChanges(previous, runtime, compiled) };
+  }
+
+  /** The user these credentials log in as, compared in constant time. */
+  authenticate(username: string, password: string): UserRuntime | undefined {
+    const user = this.users.get(username.toLowerCase());
+    const given = digest(password);
+    const ok = user !== undefined && timingSafeEqual(given, user.passwordDigest);
+    return ok ? user : undefined;
+  }
+
+  user(email: string): UserRuntime | undefined {
+    return this.users.get(email.toLowerCase());
+  }
+
+  get userEmails(): string[] {
+    return [...this.users.values()].map((u) => u.email);
+  }
+
+  /** Marks a message in flight on this Runtime; call the returned function when its reply is sent. */
+  acquire(): () => void {
+    this.inFlight++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.inFlight--;
+      if (this.inFlight === 0 && this.retiredFor !== undefined) this.closeLeftovers(this.retiredFor);
+    };
+  }
+
+  /** This Runtime is replaced by `next` (or shut down, when null): close what `next` did not carry over. */
+  retire(next: Runtime | null): void {
+    this.retiredFor = next;
+    if (this.inFlight === 0) this.closeLeftovers(next);
+  }
+
+  get busy(): boolean {
+    return this.inFlight > 0;
+  }
+
+  private closeLeftovers(next: Runtime | null): void {
+    for (const [key, pool] of this.pools) if (!next?.pools.has(key)) pool.close();
+    for (const [key, sandbox] of this.sandboxes) if (!next?.sandboxes.has(key)) sandbox.dispose();
+  }
+}
+
+function describeChanges(previous: Runtime | undefined, next: Runtime, compiled: string[]): RuntimeChanges {
+  const before = new Map((previous?.config.users ?? []).map((u) => [u.email.toLowerCase(), JSON.stringify(u)]));
+  const after = new Map(next.config.users.map((u) => [u.email.toLowerCase(), JSON.stringify(u)]));
+  const needsRestart: string[] = [];
+  if (previous) {
+    const [a, b] = [previous.config.listen, next.config.listen];
+    if (a.host !== b.host || a.port !== b.port) needsRestart.push(`listen (${a.host}:${a.port} → ${b.host}:${b.port})`);
+  }
+  return {
+    usersAdded: [...after.keys()].filter((k) => !before.has(k)),
+    usersRemoved: [...before.keys()].filter((k) => !after.has(k)),
+    usersChanged: [...after.keys()].filter((k) => before.has(k) && before.get(k) !== after.get(k)),
+    poolsOpened: [...next.pools.keys()].filter((k) => !previous?.pools.has(k)).length,
+    poolsKept: [...next.pools.keys()].filter((k) => previous?.pools.has(k)).length,
+    poolsClosed: [...(previous?.pools.keys() ?? [])].filter((k) => !next.pools.has(k)).length,
+    selectorsCompiled: compiled,
+    selectorsKept: next.sandboxes.size - compiled.length,
+    needsRestart,
+  };
+}

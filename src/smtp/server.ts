@@ -1,0 +1,116 @@
+// The inbound SMTP server: one handler per protocol verb (onAuth, onMailFrom, onData), as RFC 5321
+// reads. Every transaction takes the current Runtime when its DATA starts and keeps it to the end.
+import { randomBytes } from 'node:crypto';
+import { SMTPServer, type SMTPServerSession, type SMTPServerDataStream } from 'smtp-server';
+import { SmtpMuxError } from '../errors';
+import { MessageBody } from '../message/body';
+import { summarize } from '../message/summary';
+import type { Logger } from '../observe/logger';
+import { routeMessage } from '../route';
+import type { Runtime } from '../runtime';
+import { keepOwnEnhancedCodes } from './replies';
+
+export interface InboundDeps {
+  /** The Runtime new transactions use; it changes on reload. */
+  current(): Runtime;
+  readonly logger: Logger;
+  /** True once shutdown began: new transactions are turned away with 421. */
+  closing(): boolean;
+  /** Where large bodies spill (default: the OS temp dir). */
+  readonly tmpDir?: string;
+}
+
+export function newMessageId(): string {
+  return `${Date.now().toString(36)}${randomBytes(4).toString('hex')}`.toUpperCase();
+}
+
+export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPServer {
+  keepOwnEnhancedCodes();
+  const { logger } = deps;
+  const server: SMTPServer = new SMTPServer({
+    name: initial.config.hostname,
+    banner: 'SMTP Mux',
+    size: initial.config.maxMessageSize,
+    authMethods: ['PLAIN', 'LOGIN'],
+    authOptional: false,
+    authRequiredMessage: `5.7.0 Authentication required: log in with AUTH before sending mail`,
+    // We check plaintext AUTH ourselves (onAuth) so allow_insecure_auth follows a reload.
+    allowInsecureAuth: true,
+    hideSTARTTLS: true,
+    hideENHANCEDSTATUSCODES: false,
+    disableReverseLookup: true,
+    logger: false,
+
+    onAuth(auth, session, callback) {
+      const runtime = deps.current();
+      const username = auth.username ?? '';
+      if (!session.secure && !runtime.config.allowInsecureAuth) {
+        return callback(new SmtpMuxError('SMTPMUX_AUTH_INSECURE'));
+      }
+      const user = runtime.authenticate(username, auth.password ?? '');
+      if (!user) {
+        logger.warn({ login: username.slice(0, 200), remote: session.remoteAddress, method: auth.method }, 'authentication failed');
+        return callback(new SmtpMuxError('SMTPMUX_AUTH_FAILED'));
+      }
+      callback(null, { user: user.email });
+    },
+
+    onMailFrom(_address, _session, callback) {
+      if (deps.closing()) return callback(new SmtpMuxError('SMTPMUX_SHUTTING_DOWN'));
+      callback();
+    },
+
+    onData(stream, session, callback) {
+      handleData(stream, session).then(
+        (text) => callback(null, text),
+        (err: Error) => callback(err),
+      );
+    },
+  });
+
+  async function handleData(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
+    const runtime = deps.current();
+    const release = runtime.acquire();
+    const id = newMessageId();
+    let body: MessageBody | undefined;
+    try {
+      const limit = runtime.config.maxMessageSize;
+      // smtp-server reads the advertised SIZE from here, so a reloaded limit applies to new sessions.
+      (server.options as { size?: number }).size = limit;
+      try {
+        body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir });
+      } catch (err) {
+        logger.error({ msgId: id, err: (err as Error).message }, 'message could not be received');
+        throw new SmtpMuxError('SMTPMUX_RECEIVE_FAILED', `message id ${id}`);
+      }
+      if (stream.sizeExceeded || body.exceeds(limit)) {
+        logger.warn({ msgId: id, size: body.size, limit }, 'message too big');
+        throw new SmtpMuxError('SMTPMUX_MESSAGE_TOO_BIG', `limit ${limit} bytes`);
+      }
+      if (deps.closing()) throw new SmtpMuxError('SMTPMUX_SHUTTING_DOWN');
+      const user = runtime.user(String(session.user ?? ''));
+      if (!user) throw new SmtpMuxError('SMTPMUX_USER_GONE');
+
+      const envelope = {
+        from: session.envelope.mailFrom ? session.envelope.mailFrom.address : '',
+        to: session.envelope.rcptTo.map((rcpt) => rcpt.address),
+        use8BitMime: String(session.envelope.bodyType ?? '').toLowerCase() === '8bitmime',
+        size: body.size,
+      };
+      const message = summarize(
+        { id, user: user.email, from: envelope.from, to: envelope.to, size: body.size, clientAddress: session.remoteAddress },
+        body.headerBlock,
+      );
+      const routed = await routeMessage(runtime, user, message, envelope, body, logger);
+      if (routed.error) {
+        throw routed.error.withDetail(`message id ${id}`);
+      }
+      return `2.0.0 Delivered via ${routed.downstream} (message id ${id})`;
+    } finally {
+      await body?.dispose();
+      release();
+    }
+  }
+
+  return server;
+}

@@ -1,0 +1,97 @@
+// Starts SMTP Mux in this process on a port the OS picks, from a config written to a temp folder,
+// with its log lines captured so tests can read them.
+import { mkdtempSync, writeFileSync, rmSync, mkdirSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { App } from '../../src/app';
+import { createLogger } from '../../src/observe/logger';
+
+export interface RunningProxy {
+  readonly app: App;
+  readonly port: number;
+  readonly dir: string;
+  /** Parsed log lines so far. */
+  readonly logs: Record<string, unknown>[];
+  /** Raw log text so far. */
+  logText(): string;
+  write(name: string, text: string): string;
+  stop(): Promise<void>;
+}
+
+export async function startProxy(files: Record<string, string>, options: { env?: Record<string, string> } = {}): Promise<RunningProxy> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-test-'));
+  const write = (name: string, text: string): string => {
+    const file = path.join(dir, name);
+    mkdirSync(path.dirname(file), { recursive: true });
+    writeFileSync(file, text);
+    return file;
+  };
+  for (const [name, text] of Object.entries(files)) write(name, text);
+  const chunks: string[] = [];
+  const logs: Record<string, unknown>[] = [];
+  const destination = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      const text = chunk.toString('utf8');
+      chunks.push(text);
+      for (const line of text.split('\n')) if (line.trim()) logs.push(JSON.parse(line));
+      done();
+    },
+  });
+  const logger = createLogger({ level: 'debug', destination });
+  const app = await App.start({
+    configPath: path.join(dir, 'config.yaml'),
+    env: { SMTPMUX_PORT: '0', ...options.env },
+    logger,
+    tmpDir: dir,
+    shutdownGraceMs: 5000,
+  });
+  return {
+    app,
+    port: app.port,
+    dir,
+    logs,
+    logText: () => chunks.join(''),
+    write,
+    async stop() {
+      await app.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A YAML config for one user with the given downstreams. */
+export function configFor(options: {
+  selector: string;
+  downstreams: { name?: string; addr: string; user?: string; pass?: string; tags?: string[]; weight?: number }[];
+  email?: string;
+  password?: string;
+  extra?: string;
+}): string {
+  const ds = options.downstreams
+    .map((d) =>
+      [
+        `      - addr: "${d.addr}"`,
+        d.name ? `        name: ${d.name}` : '',
+        d.user !== undefined ? `        user: "${d.user}"\n        pass: "${d.pass}"` : '',
+        '        tls: none',
+        d.tags ? `        tags: [${d.tags.map((t) => `"${t}"`).join(', ')}]` : '',
+        d.weight !== undefined ? `        weight: ${d.weight}` : '',
+      ]
+        .filter(Boolean)
+        .join('\n'),
+    )
+    .join('\n');
+  return `listen:
+  host: 127.0.0.1
+  port: 0
+allow_insecure_auth: true
+${options.extra ?? ''}
+users:
+  - email: "${options.email ?? 'test@user.com'}"
+    password: "${options.password ?? 'password123'}"
+    selector: ${options.selector}
+    downstreams:
+${ds}
+`;
+}
