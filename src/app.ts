@@ -2,6 +2,7 @@
 // closes it here, in reverse order: stop accepting, let in-flight messages finish, close pools and
 // isolates.
 import type { AddressInfo } from 'node:net';
+import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
 import { loadConfig, ConfigError, type Env } from './config/load';
 import { createLogger, type Logger } from './observe/logger';
@@ -21,12 +22,16 @@ export interface AppOptions {
 export interface ReloadResult {
   readonly ok: boolean;
   readonly problems: readonly string[];
+  /** What a watcher should watch from now on: the config and every selector it names. */
+  readonly files: readonly string[];
 }
 
 export class App {
   private closing = false;
-  private reloading: Promise<ReloadResult> = Promise.resolve({ ok: true, problems: [] });
+  private reloading: Promise<unknown> = Promise.resolve();
   private readonly live = new Set<Runtime>();
+  /** Selectors named by the last config that parsed, good or not, so fixing them triggers a reload. */
+  private attemptedSelectors: readonly string[] = [];
 
   private constructor(
     private readonly options: AppOptions,
@@ -84,6 +89,12 @@ export class App {
    * Builds a new Runtime from the config file and swaps it in. A failure changes nothing: the last good
    * Runtime keeps serving and the log says what is wrong. Reloads never overlap.
    */
+  /** The config file and every selector the running and the last attempted config name. */
+  watchedFiles(): string[] {
+    const selectors = [...this.current.config.users.map((u) => u.selectorPath), ...this.attemptedSelectors];
+    return [...new Set([path.resolve(this.options.configPath), ...selectors])].sort();
+  }
+
   reload(reason = 'requested'): Promise<ReloadResult> {
     const next = this.reloading.then(() => this.reloadNow(reason));
     this.reloading = next;
@@ -91,10 +102,11 @@ export class App {
   }
 
   private async reloadNow(reason: string): Promise<ReloadResult> {
-    if (this.closing) return { ok: false, problems: ['shutting down'] };
+    if (this.closing) return { ok: false, problems: ['shutting down'], files: this.watchedFiles() };
     const started = Date.now();
     try {
       const config = await loadConfig(this.options.configPath, this.options.env);
+      this.attemptedSelectors = config.users.map((u) => u.selectorPath);
       const { runtime, changes } = await Runtime.build(config, this.current);
       const previous = this.current;
       this.current = runtime;
@@ -104,12 +116,14 @@ export class App {
       for (const warning of config.warnings) this.logger.warn({ config: config.file }, warning);
       if (changes.needsRestart.length > 0) this.logger.warn({ settings: changes.needsRestart }, 'these settings change only after a restart');
       this.logger.info({ reason, ...changes, ms: Date.now() - started }, 'reloaded');
-      return { ok: true, problems: [] };
+      return { ok: true, problems: [], files: this.watchedFiles() };
     } catch (err) {
       const problems =
         err instanceof ConfigError ? [...err.problems] : err instanceof RuntimeBuildError ? err.failures.map((f) => f.message) : [String((err as Error)?.message ?? err)];
-      this.logger.error({ reason, problems, ms: Date.now() - started }, 'reload failed; the last good config keeps serving');
-      return { ok: false, problems };
+      // A file deleted or mid-replace is worth a warning; a file that is wrong is an error.
+      const missing = problems.every((p) => /not found|cannot read/.test(p));
+      this.logger[missing ? 'warn' : 'error']({ reason, problems, ms: Date.now() - started }, 'reload failed; the last good config keeps serving');
+      return { ok: false, problems, files: this.watchedFiles() };
     }
   }
 

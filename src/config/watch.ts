@@ -1,6 +1,132 @@
-// Hot reload triggers. For now: nothing watched (SIGHUP reloads); the file watcher comes with issue 3.
+// Hot reload: watches the config file and every selector it references, and asks the App to reload
+// when their content changes. It watches the folders, not the files, because editors replace a file by
+// renaming a temp file over it and Kubernetes swaps a `..data` symlink: a watch on the old inode would
+// see neither. What triggers a reload is a change of content (a fingerprint of every watched file), so a
+// burst of events for one save is one reload, and a poll catches what inotify misses (some bind mounts).
+import { createHash } from 'node:crypto';
+import { watch, promises as fs, type FSWatcher } from 'node:fs';
+import path from 'node:path';
 import type { App } from '../app';
 
-export function watchForReload(_app: App): () => void {
-  return () => undefined;
+export interface WatchOptions {
+  /** Quiet time after the last event before looking (an editor's save is several events). */
+  readonly debounceMs?: number;
+  /** Fallback poll for file systems that do not report changes. */
+  readonly pollMs?: number;
+  /** How long a watched file may be missing (mid-rename) before the reload goes ahead without it. */
+  readonly missingGraceMs?: number;
+}
+
+async function fingerprint(files: readonly string[]): Promise<{ print: string; missing: string[] }> {
+  const hash = createHash('sha256');
+  const missing: string[] = [];
+  for (const file of files) {
+    hash.update(file).update('\0');
+    try {
+      hash.update(await fs.readFile(file));
+    } catch {
+      missing.push(file);
+      hash.update('\0missing\0');
+    }
+  }
+  return { print: hash.digest('hex'), missing };
+}
+
+export class ReloadWatcher {
+  private watchers = new Map<string, FSWatcher>();
+  private files: readonly string[] = [];
+  private lastPrint = '';
+  private timer: NodeJS.Timeout | undefined;
+  private poller: NodeJS.Timeout | undefined;
+  private checking: Promise<void> = Promise.resolve();
+  private missingSince: number | undefined;
+  private stopped = false;
+
+  constructor(
+    private readonly app: App,
+    private readonly options: WatchOptions = {},
+  ) {}
+
+  async start(): Promise<void> {
+    this.files = this.app.watchedFiles();
+    this.lastPrint = (await fingerprint(this.files)).print;
+    this.arm();
+    this.poller = setInterval(() => this.schedule(0), this.options.pollMs ?? 2000);
+    this.poller.unref();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    clearInterval(this.poller);
+    for (const watcher of this.watchers.values()) watcher.close();
+    this.watchers.clear();
+  }
+
+  /** Watches the folder of every watched file; folders no longer needed are let go. */
+  private arm(): void {
+    const dirs = new Set(this.files.map((f) => path.dirname(f)));
+    for (const [dir, watcher] of this.watchers) {
+      if (!dirs.has(dir)) {
+        watcher.close();
+        this.watchers.delete(dir);
+      }
+    }
+    for (const dir of dirs) {
+      if (this.watchers.has(dir)) continue;
+      try {
+        const watcher = watch(dir, { persistent: false }, () => this.schedule(this.options.debounceMs ?? 200));
+        watcher.on('error', () => {
+          watcher.close();
+          this.watchers.delete(dir);
+        });
+        this.watchers.set(dir, watcher);
+      } catch {
+        // The folder is gone for now; the poll notices when it is back.
+      }
+    }
+  }
+
+  private schedule(delayMs: number): void {
+    if (this.stopped) return;
+    if (delayMs === 0 && this.timer) return; // an event-driven check is already pending
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.checking = this.checking.then(() => this.check());
+    }, delayMs);
+    this.timer.unref();
+  }
+
+  private async check(): Promise<void> {
+    if (this.stopped) return;
+    const { print, missing } = await fingerprint(this.files);
+    if (print === this.lastPrint) {
+      this.missingSince = undefined;
+      return;
+    }
+    const grace = this.options.missingGraceMs ?? 1000;
+    if (missing.length > 0) {
+      // Mid-rename, a file is briefly absent: give it a moment before deciding it was deleted.
+      this.missingSince ??= Date.now();
+      if (Date.now() - this.missingSince < grace) return this.schedule(Math.min(250, grace));
+    }
+    this.missingSince = undefined;
+    this.lastPrint = print;
+    const result = await this.app.reload(missing.length > 0 ? `file missing: ${missing.join(', ')}` : 'file changed');
+    // The files to watch may have changed: new selectors, or the ones a failed config names.
+    const files = result.files;
+    if (files.join('\0') !== this.files.join('\0')) {
+      this.files = files;
+      this.lastPrint = (await fingerprint(files)).print;
+      this.arm();
+    }
+  }
+}
+
+/** Starts watching; the returned function stops. */
+export function watchForReload(app: App, options?: WatchOptions): () => void {
+  const watcher = new ReloadWatcher(app, options);
+  void watcher.start();
+  return () => watcher.stop();
 }
