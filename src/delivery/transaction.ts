@@ -7,7 +7,8 @@ import type { DownstreamPool, Envelope } from './pool';
 
 export interface DeliveryTarget {
   readonly view: DownstreamView;
-  readonly pool: DownstreamPool;
+  /** The downstream's pool, or anything that answers like one (`smtpmux try` simulates). */
+  readonly pool: Pick<DownstreamPool, 'send'>;
 }
 
 export interface AttemptLog {
@@ -36,7 +37,7 @@ export class Delivery {
   private scriptSends = 0;
 
   constructor(
-    private readonly body: MessageBody,
+    private readonly body: Pick<MessageBody, 'open'>,
     private readonly envelope: Envelope,
     private readonly targets: ReadonlyMap<string, DeliveryTarget>,
     private readonly maxSends: number,
