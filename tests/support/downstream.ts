@@ -9,6 +9,10 @@ export interface Received {
   readonly to: string[];
   readonly raw: Buffer;
   readonly user?: string;
+  /** MAIL FROM carried SMTPUTF8. */
+  readonly smtpUtf8?: boolean;
+  /** MAIL FROM's BODY= parameter ("7bit" or "8bitmime"). */
+  readonly bodyType?: string;
 }
 
 export type FailMode =
@@ -29,7 +33,21 @@ export interface Downstream {
   close(): Promise<void>;
 }
 
-export async function startDownstream(options: { user?: string; pass?: string; fail?: FailMode } = {}): Promise<Downstream> {
+/** The Subject header of a received message, undecoded ("" when there is none). */
+export function subjectOf(raw: Buffer): string {
+  const head = raw.toString('utf8').split(/\r?\n\r?\n/)[0];
+  return /^Subject: *(.*)$/im.exec(head)?.[1]?.trim() ?? '';
+}
+
+export async function startDownstream(
+  options: {
+    user?: string;
+    pass?: string;
+    fail?: FailMode;
+    /** Per-message answer, looked at before `fail`: return a FailMode to apply to this message only. */
+    decide?: (raw: Buffer) => FailMode | undefined;
+  } = {},
+): Promise<Downstream> {
   const received: Received[] = [];
   let mode: FailMode = options.fail ?? { kind: 'none' };
   let connections = 0;
@@ -55,7 +73,7 @@ export async function startDownstream(options: { user?: string; pass?: string; f
       const chunks: Buffer[] = [];
       stream.on('data', (c: Buffer) => chunks.push(c));
       stream.on('end', () => {
-        const current = mode;
+        const current = options.decide?.(Buffer.concat(chunks)) ?? mode;
         if (current.kind === 'reply') return callback(Object.assign(new Error(current.message), { responseCode: current.code }));
         if (current.kind === 'drop') {
           (session as unknown as { _socket?: { destroy(): void } })._socket?.destroy();
@@ -68,6 +86,8 @@ export async function startDownstream(options: { user?: string; pass?: string; f
             to: session.envelope.rcptTo.map((r) => r.address),
             raw: Buffer.concat(chunks),
             user: session.user as string | undefined,
+            smtpUtf8: (session.envelope as { smtpUtf8?: boolean }).smtpUtf8,
+            bodyType: (session.envelope as { bodyType?: string }).bodyType,
           });
           callback(null, 'Queued');
         };

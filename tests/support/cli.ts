@@ -1,0 +1,84 @@
+// The built CLI (dist/cli.js) as a separate process, the way users run it: `check` to completion, and
+// `serve` in the background with its stdout/stderr captured and its port read from the start-up log line.
+import { spawn, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { run } from './clients';
+
+export const CLI = path.resolve(__dirname, '..', '..', 'dist', 'cli.js');
+
+/** The environment of this test process minus the given variables. */
+export function envWithout(...names: string[]): NodeJS.ProcessEnv {
+  const env = { ...process.env };
+  for (const name of names) delete env[name];
+  return env;
+}
+
+export function runCli(args: string[], timeoutMs = 30_000): Promise<{ code: number; stdout: string; stderr: string }> {
+  return run(process.execPath, [CLI, ...args], timeoutMs);
+}
+
+export interface ServeProcess {
+  readonly child: ChildProcess;
+  /** The SMTP port, from the "SMTP Mux listening" log line. */
+  readonly port: number;
+  stdout(): string;
+  stderr(): string;
+  /** Resolves with the exit code (null when killed by a signal). */
+  readonly exited: Promise<number | null>;
+  /** Waits until stdout matches. */
+  waitFor(pattern: RegExp, timeoutMs?: number): Promise<void>;
+  /** SIGKILL if still running; for afterAll. */
+  kill(): Promise<void>;
+}
+
+export async function startServe(configPath: string, env: NodeJS.ProcessEnv, timeoutMs = 20_000): Promise<ServeProcess> {
+  const child = spawn(process.execPath, [CLI, 'serve', '--config', configPath], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  const watchers = new Set<() => void>();
+  child.stdout!.on('data', (chunk: Buffer) => {
+    out += chunk.toString('utf8');
+    for (const check of watchers) check();
+  });
+  child.stderr!.on('data', (chunk: Buffer) => (err += chunk.toString('utf8')));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  let running = true;
+  void exited.then(() => {
+    running = false;
+    for (const check of watchers) check();
+  });
+
+  const waitFor = (pattern: RegExp, ms = timeoutMs): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => done(new Error(`stdout did not match ${pattern} within ${ms} ms:\n${out}\n${err}`)), ms);
+      const done = (e?: Error): void => {
+        clearTimeout(timer);
+        watchers.delete(check);
+        if (e) reject(e);
+        else resolve();
+      };
+      const check = (): void => {
+        if (pattern.test(out)) done();
+        else if (!running) done(new Error(`the process exited before stdout matched ${pattern}:\n${out}\n${err}`));
+      };
+      watchers.add(check);
+      check();
+    });
+
+  const kill = async (): Promise<void> => {
+    if (running) {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  };
+
+  try {
+    await waitFor(/SMTP Mux listening/);
+  } catch (e) {
+    await kill();
+    throw e;
+  }
+  const line = out.split('\n').find((l) => l.includes('SMTP Mux listening'))!;
+  const port = Number((JSON.parse(line) as { port: number }).port);
+  return { child, port, stdout: () => out, stderr: () => err, exited, waitFor, kill };
+}
