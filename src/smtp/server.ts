@@ -33,7 +33,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
     size: initial.config.maxMessageSize,
     authMethods: ['PLAIN', 'LOGIN'],
     authOptional: false,
-    authRequiredMessage: `5.7.0 Authentication required: log in with AUTH before sending mail`,
+    authRequiredMessage: new SmtpMuxError('SMTPMUX_AUTH_REQUIRED').message,
     // We check plaintext AUTH ourselves (onAuth) so allow_insecure_auth follows a reload.
     allowInsecureAuth: true,
     hideSTARTTLS: true,
