@@ -35,13 +35,24 @@ export class MessageBody {
     let file: string | undefined;
     let out: WriteStream | undefined;
 
+    let outError: Error | undefined;
+    // One listener pair per wait, removed when it settles: a 10 MB body waits for 'drain' hundreds of
+    // times, and an 'error' with no listener would crash the process.
     const writeToFile = (chunk: Buffer): Promise<void> =>
       new Promise((resolve, reject) => {
-        if ((out as WriteStream).write(chunk)) resolve();
-        else {
-          out!.once('drain', resolve);
-          out!.once('error', reject);
-        }
+        const stream = out as WriteStream;
+        if (outError) return reject(outError);
+        if (stream.write(chunk)) return resolve();
+        const onDrain = (): void => {
+          stream.off('error', onError);
+          resolve();
+        };
+        const onError = (err: Error): void => {
+          stream.off('drain', onDrain);
+          reject(err);
+        };
+        stream.once('drain', onDrain);
+        stream.once('error', onError);
       });
 
     const sink = new Writable({
@@ -70,6 +81,7 @@ export class MessageBody {
             dir = await fs.mkdtemp(path.join(options.tmpDir ?? os.tmpdir(), 'smtpmux-'));
             file = path.join(dir, 'message.eml');
             out = createWriteStream(file, { mode: 0o600 });
+            out.on('error', (err) => (outError ??= err));
             for (const early of chunks.splice(0)) await writeToFile(early);
           }
           await writeToFile(chunk);
