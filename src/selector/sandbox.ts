@@ -224,7 +224,9 @@ export class SelectorSandbox {
       await script.run(context, { timeout });
       return await context.evalClosure('return typeof select === "function" ? select : undefined', [], { result: { reference: true } });
     } catch (err) {
-      if (!(err instanceof SyntaxError) || !MODULE_SYNTAX.test(err.message)) throw err;
+      // By name, not instanceof: isolated-vm builds the error in the realm that loaded it, which is not
+      // always this module's (Jest runs tests in a vm context, where `instanceof SyntaxError` is false).
+      if ((err as Error)?.name !== 'SyntaxError' || !MODULE_SYNTAX.test(String((err as Error).message))) throw err;
     }
     const mod = await isolate.compileModule(this.source, { filename: this.file });
     await mod.instantiate(context, (specifier) => {
