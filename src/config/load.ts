@@ -149,20 +149,26 @@ export async function parseConfig(text: string, file: string, env: Env = process
       problems.push(`${shown}:${formatKey(keys)}: ${issue.message}${lineOf(keys)}`);
     }
   }
+  // Selector files are looked up even when the schema found problems, so one run lists them all.
+  const configDir = path.dirname(absFile);
+  const selectors: { file: string; legacy?: boolean; given: string; key: string }[] = [];
+  for (const [i, entry] of (Array.isArray(raw.users) ? (raw.users as unknown[]) : []).entries()) {
+    const user = (entry && typeof entry === 'object' ? entry : {}) as Record<string, unknown>;
+    const key = user.selector ? 'selector' : 'selector_algo_path';
+    const given = user[key];
+    if (typeof given !== 'string' || given === '') continue; // the schema reports it
+    const found = await resolveSelector(given, configDir);
+    if (found.file) selectors[i] = { file: found.file, legacy: found.legacy, given, key };
+    else problems.push(`${shown}:users[${i}].${key}: selector "${given}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
+  }
   if (!parsed.success || problems.length > 0) throw new ConfigError(shown, problems);
 
   const data = parsed.data;
-  const configDir = path.dirname(absFile);
   const warnings: string[] = [];
   const users: UserConfig[] = [];
   for (const [i, user] of data.users.entries()) {
-    const given = (user.selector ?? user.selector_algo_path) as string;
-    const key = user.selector ? 'selector' : 'selector_algo_path';
-    const found = await resolveSelector(given, configDir);
-    if (!found.file) {
-      problems.push(`${shown}:users[${i}].${key}: selector "${given}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
-      continue;
-    }
+    const found = selectors[i];
+    const { given, key } = found;
     if (found.legacy) warnings.push(`users[${i}].${key}: "${given}" is a Go plugin of the original; using the bundled ${path.basename(found.file)}`);
     users.push(
       Object.freeze({
@@ -187,7 +193,6 @@ export async function parseConfig(text: string, file: string, env: Env = process
       }),
     );
   }
-  if (problems.length > 0) throw new ConfigError(shown, problems);
 
   return Object.freeze({
     file: absFile,

@@ -4,19 +4,19 @@ import { z } from 'zod';
 
 const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1024, m: 1024 ** 2, mb: 1024 ** 2, g: 1024 ** 3, gb: 1024 ** 3 };
 
-/** "25MB", "512 kb", 1048576 → bytes. */
-const byteSize = z.union([
-  z.number().int().positive(),
-  z.string().transform((text, ctx) => {
-    const match = /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(text);
-    const unit = match ? SIZE_UNITS[match[2].toLowerCase()] : undefined;
-    if (!match || unit === undefined) {
-      ctx.addIssue({ code: 'custom', message: `"${text}" is not a size (use bytes or a number with KB, MB or GB)` });
-      return z.NEVER;
-    }
-    return Math.floor(Number(match[1]) * unit);
-  }),
-]);
+const SIZE_HINT = 'use a whole number of bytes or a number with KB, MB or GB, e.g. 25MB';
+
+/** "25MB", "512 kb", 1048576 → bytes. One transform, not a union of two, so the message says what is wrong. */
+const byteSize = z.union([z.number(), z.string()], { error: `must be a size (${SIZE_HINT})` }).transform((value, ctx) => {
+  const match = typeof value === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(value) : undefined;
+  const unit = match ? SIZE_UNITS[match[2].toLowerCase()] : undefined;
+  const bytes = typeof value === 'number' ? value : match && unit !== undefined ? Math.floor(Number(match[1]) * unit) : NaN;
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) {
+    ctx.addIssue({ code: 'custom', message: `${JSON.stringify(value)} is not a size (${SIZE_HINT})` });
+    return z.NEVER;
+  }
+  return bytes;
+});
 
 // 0 lets the OS pick a free port (tests do).
 const port = z.coerce.number().int().min(0).max(65535);
