@@ -1,8 +1,7 @@
 // The built CLI (dist/cli.js) as a separate process, the way users run it: `check` to completion, and
 // `serve` in the background with its stdout/stderr captured and its port read from the start-up log line.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
-import { run } from './clients';
 
 export const CLI = path.resolve(__dirname, '..', '..', 'dist', 'cli.js');
 
@@ -13,8 +12,14 @@ export function envWithout(...names: string[]): NodeJS.ProcessEnv {
   return env;
 }
 
-export function runCli(args: string[], timeoutMs = 30_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  return run(process.execPath, [CLI, ...args], timeoutMs);
+/** Runs the CLI to completion; `env` replaces this process's environment when given. */
+export function runCli(args: string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { env: options.env ?? process.env, timeout: options.timeoutMs ?? 30_000 }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as NodeJS.ErrnoException).code === 'number' ? Number((err as NodeJS.ErrnoException).code) : 1) : 0;
+      resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
 }
 
 export interface ServeProcess {
