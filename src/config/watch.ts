@@ -41,6 +41,8 @@ export class ReloadWatcher {
   private checking: Promise<void> = Promise.resolve();
   private missingSince: number | undefined;
   private stopped = false;
+  /** File-system events seen so far: tells a check whether something changed while it ran. */
+  private events = 0;
 
   constructor(
     private readonly app: App,
@@ -75,7 +77,10 @@ export class ReloadWatcher {
     for (const dir of dirs) {
       if (this.watchers.has(dir)) continue;
       try {
-        const watcher = watch(dir, { persistent: false }, () => this.schedule(this.options.debounceMs ?? 200));
+        const watcher = watch(dir, { persistent: false }, () => {
+          this.events++;
+          this.schedule(this.options.debounceMs ?? 200);
+        });
         watcher.on('error', () => {
           watcher.close();
           this.watchers.delete(dir);
@@ -113,13 +118,21 @@ export class ReloadWatcher {
     }
     this.missingSince = undefined;
     this.lastPrint = print;
+    const eventsBefore = this.events;
     const result = await this.app.reload(missing.length > 0 ? `file missing: ${missing.join(', ')}` : 'file changed');
     // The files to watch may have changed: new selectors, or the ones a failed config names.
     const files = result.files;
     if (files.join('\0') !== this.files.join('\0')) {
+      const before = this.files;
       this.files = files;
-      this.lastPrint = (await fingerprint(files)).print;
       this.arm();
+      const [fresh, again] = await Promise.all([fingerprint(files), fingerprint(before)]);
+      // A save that landed while the reload ran may not be in what it read, and taking the new files'
+      // fingerprint now would hide it: when a file changed or an event came in meanwhile, leave the
+      // fingerprint unknown so the next check reloads once more.
+      const changedMeanwhile = again.print !== print || this.events !== eventsBefore;
+      this.lastPrint = changedMeanwhile ? '' : fresh.print;
+      if (changedMeanwhile) this.schedule(this.options.debounceMs ?? 200);
     }
   }
 }
