@@ -43,16 +43,39 @@ export class RuntimeBuildError extends Error {
 
 const digest = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest();
 
+/**
+ * How many live Runtimes hold each pool and sandbox. A resource is carried from Runtime to Runtime, so
+ * the one being replaced cannot tell on its own whether an older Runtime, still finishing a message,
+ * uses it too: it closes when the last Runtime holding it lets go.
+ */
+const holders = new WeakMap<DownstreamPool | SelectorSandbox, number>();
+
+function hold(resource: DownstreamPool | SelectorSandbox): void {
+  holders.set(resource, (holders.get(resource) ?? 0) + 1);
+}
+
+/** True when no Runtime holds the resource any more. */
+function letGo(resource: DownstreamPool | SelectorSandbox): boolean {
+  const left = (holders.get(resource) ?? 1) - 1;
+  if (left > 0) holders.set(resource, left);
+  else holders.delete(resource);
+  return left <= 0;
+}
+
 export class Runtime {
   private inFlight = 0;
   private retiredFor: Runtime | null | undefined;
+  private released = false;
 
   private constructor(
     readonly config: Config,
     private readonly users: ReadonlyMap<string, UserRuntime>,
     readonly pools: ReadonlyMap<string, DownstreamPool>,
     readonly sandboxes: ReadonlyMap<string, SelectorSandbox>,
-  ) {}
+  ) {
+    for (const pool of pools.values()) hold(pool);
+    for (const sandbox of sandboxes.values()) hold(sandbox);
+  }
 
   /**
    * Builds a Runtime from a validated config, reusing what `previous` already has. Either everything
@@ -157,7 +180,11 @@ export class Runtime {
     };
   }
 
-  /** This Runtime is replaced by `next` (or shut down, when null): close what `next` did not carry over. */
+  /**
+   * This Runtime is replaced by `next` (or shut down, when null). Once its last message is done it lets
+   * go of its pools and sandboxes; those no other Runtime holds (`next`, or an older one still finishing
+   * a message) are closed.
+   */
   retire(next: Runtime | null): void {
     this.retiredFor = next;
     if (this.inFlight === 0) this.closeLeftovers(next);
@@ -167,9 +194,11 @@ export class Runtime {
     return this.inFlight > 0;
   }
 
-  private closeLeftovers(next: Runtime | null): void {
-    for (const [key, pool] of this.pools) if (!next?.pools.has(key)) pool.close();
-    for (const [key, sandbox] of this.sandboxes) if (!next?.sandboxes.has(key)) sandbox.dispose();
+  private closeLeftovers(_next: Runtime | null): void {
+    if (this.released) return;
+    this.released = true;
+    for (const pool of this.pools.values()) if (letGo(pool)) pool.close();
+    for (const sandbox of this.sandboxes.values()) if (letGo(sandbox)) sandbox.dispose();
   }
 }
 
