@@ -3,12 +3,12 @@
 // --deliver is given, and then it goes through the real route, downstream pools included.
 import { parseArgs } from 'node:util';
 import path from 'node:path';
-import { loadConfig } from './config/load';
+import { ConfigError, loadConfig, type Config } from './config/load';
 import { Delivery } from './delivery/transaction';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
 import { routeMessage } from './route';
-import { Runtime } from './runtime';
+import { Runtime, RuntimeBuildError } from './runtime';
 import { newMessageId } from './smtp/server';
 import type { MessageSummary } from './selector/types';
 import type { AttemptResult } from './delivery/pool';
@@ -99,8 +99,18 @@ export async function runTry(argv: string[]): Promise<number> {
     console.error(`smtpmux try: ${(err as Error).message}\n\n${TRY_USAGE}`);
     return 2;
   }
-  const config = await loadConfig(options.config);
-  const { runtime } = await Runtime.build(config);
+  let config: Config;
+  let runtime: Runtime;
+  try {
+    config = await loadConfig(options.config);
+    ({ runtime } = await Runtime.build(config));
+  } catch (err) {
+    // What is wrong, each problem on its own line with its file:line:col, as `smtpmux check` prints it.
+    if (err instanceof ConfigError) console.error(`smtpmux try: the config has ${err.problems.length} problem(s):\n${err.problems.map((p) => `  ${p}`).join('\n')}`);
+    else if (err instanceof RuntimeBuildError) console.error(`smtpmux try: ${err.failures.length} selector(s) failed to load:\n${err.failures.map((f) => `  ${f.message}`).join('\n')}`);
+    else throw err;
+    return 1;
+  }
   try {
     const user = options.user ? runtime.user(options.user) : runtime.user(config.users[0].email);
     if (!user) {
