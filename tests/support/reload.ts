@@ -133,21 +133,28 @@ export function renameOver(file: string, text: string): void {
  */
 export class ConfigMapDir {
   private generation = 0;
+  private current = '';
   constructor(readonly dir: string) {}
 
   /** Writes the first version and the key symlinks. */
   init(files: Record<string, string>, stamp = '..2026_01_01_a'): void {
     this.writeVersion(stamp, files);
+    this.current = stamp;
     symlinkSync(stamp, path.join(this.dir, '..data'));
     for (const key of Object.keys(files)) symlinkSync(path.join('..data', key), path.join(this.dir, key));
   }
 
-  /** Publishes a new version: new folder, temp symlink, rename over ..data. Keys new in this version get their symlink after the switch. */
+  /**
+   * Publishes a new version: new folder, temp symlink, rename over ..data; then, as kubelet does, the
+   * old folder is removed and keys new in this version get their symlink.
+   */
   swap(files: Record<string, string>, stamp: string): void {
     this.writeVersion(stamp, files);
     const tmpLink = path.join(this.dir, `..data_tmp${++this.generation}`);
     symlinkSync(stamp, tmpLink);
     renameSync(tmpLink, path.join(this.dir, '..data'));
+    rmSync(path.join(this.dir, this.current), { recursive: true, force: true });
+    this.current = stamp;
     for (const key of Object.keys(files)) {
       try {
         symlinkSync(path.join('..data', key), path.join(this.dir, key));
