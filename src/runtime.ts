@@ -91,6 +91,16 @@ export class Runtime {
     const failures: SelectorLoadError[] = [];
 
     const sandboxFor = async (user: UserConfig): Promise<SelectorSandbox | undefined> => {
+      // A name that resolved to the user's own file and now resolves elsewhere (the bundled library)
+      // means that file was deleted: keep the last good version rather than switch scripts silently.
+      const before = previous?.config.users.find((u) => u.email.toLowerCase() === user.email.toLowerCase());
+      if (before && before.selectorName === user.selectorName && before.selectorPath !== user.selectorPath) {
+        const gone = await fs.access(before.selectorPath).then(() => false, () => true);
+        if (gone) {
+          failures.push(new SelectorLoadError(before.selectorPath, undefined, `cannot read the selector (deleted; "${user.selectorName}" would now mean ${user.selectorPath})`));
+          return undefined;
+        }
+      }
       let source: string;
       try {
         source = await fs.readFile(user.selectorPath, 'utf8');

@@ -22,7 +22,9 @@ export interface DownstreamConfig {
 export interface UserConfig {
   readonly email: string;
   readonly password: string;
-  /** Absolute path of the selector script. */
+  /** The selector as the config names it ("round-robin.js"). */
+  readonly selectorName: string;
+  /** Absolute path of the selector script that name resolved to. */
   readonly selectorPath: string;
   readonly downstreams: readonly DownstreamConfig[];
 }
@@ -174,6 +176,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
       Object.freeze({
         email: user.email,
         password: user.password,
+        selectorName: given,
         selectorPath: found.file,
         downstreams: Object.freeze(
           user.downstreams.map((ds) =>
