@@ -1,5 +1,4 @@
 // One message, one way through: selector run → delivery attempts → one verdict → one log line.
-import path from 'node:path';
 import { Delivery } from './delivery/transaction';
 import type { Envelope } from './delivery/pool';
 import type { MessageBody } from './message/body';
@@ -23,7 +22,7 @@ export async function routeMessage(
   logger: Logger,
 ): Promise<Routed> {
   const started = Date.now();
-  const selector = path.relative(process.cwd(), user.selectorFile) || user.selectorFile;
+  const selector = user.selectorLabel;
   const log = logger.child({ msgId: message.id, user: user.email });
   const delivery = new Delivery(body, envelope, user.targets, runtime.config.limits.maxSends);
 
@@ -43,7 +42,7 @@ export async function routeMessage(
     spilled: body.spilled || undefined,
     selector,
     attempts: delivery.attempts.map(({ response: _response, ...attempt }) => attempt),
-    selectorResult: outcome.kind === 'order' ? { kind: 'order', targets: outcome.targets } : outcome,
+    selectorResult: outcome,
     problems: delivery.problems.length > 0 ? delivery.problems : undefined,
     refusedRecipients: delivery.delivered?.rejected.length ? delivery.delivered.rejected : undefined,
     reply: verdict.error ? `${verdict.error.responseCode} ${verdict.error.enhanced}` : '250 2.0.0',

@@ -4,6 +4,7 @@
 // Runtime closes what was not carried once its last in-flight message is done.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import type { Config, UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/transaction';
@@ -13,6 +14,8 @@ import type { DownstreamView } from './selector/types';
 export interface UserRuntime {
   readonly email: string;
   readonly selectorFile: string;
+  /** The selector's path as logs show it: relative to the working folder when inside it. */
+  readonly selectorLabel: string;
   readonly selector: SelectorSandbox;
   readonly downstreams: readonly DownstreamView[];
   /** By name and by addr. */
@@ -144,6 +147,7 @@ export class Runtime {
         users.set(user.email.toLowerCase(), {
           email: user.email,
           selectorFile: user.selectorPath,
+          selectorLabel: path.relative(process.cwd(), user.selectorPath) || user.selectorPath,
           selector,
           downstreams: Object.freeze(views),
           targets,

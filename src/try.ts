@@ -2,7 +2,6 @@
 // order it returned, or each send() it made — with simulated outcomes. Nothing is delivered unless
 // --deliver is given, and then it goes through the real route, downstream pools included.
 import { parseArgs } from 'node:util';
-import path from 'node:path';
 import { ConfigError, loadConfig, type Config } from './config/load';
 import { Delivery } from './delivery/transaction';
 import { MessageBody } from './message/body';
@@ -119,7 +118,7 @@ export async function runTry(argv: string[]): Promise<number> {
     }
     const known = new Set(user.targets.keys());
     for (const name of options.fail.keys()) if (!known.has(name)) console.error(`warning: --fail ${name}: no such downstream for ${user.email}`);
-    const selector = path.relative(process.cwd(), user.selectorFile) || user.selectorFile;
+    const selector = user.selectorLabel;
     if (!options.json) console.log(`selector ${selector} for ${user.email}; downstreams: ${user.downstreams.map((d) => d.name).join(', ')}`);
 
     let failures = 0;
