@@ -71,30 +71,45 @@ function reportFailure(err: unknown): number {
 
 async function serve(config: string): Promise<number> {
   const { App } = await import('./app');
-  let app: Awaited<ReturnType<typeof App.start>>;
+  const { watchForReload } = await import('./config/watch');
+  let app: Awaited<ReturnType<typeof App.start>> | undefined;
+  let stopWatching = (): void => undefined;
+  let finish!: (code: number) => void;
+  const finished = new Promise<number>((resolve) => (finish = resolve));
+  // Signals are handled from the first moment: one that arrives while the app is still starting is
+  // acted on as soon as it is up (a SIGHUP's default action would otherwise kill the process).
+  let stopSignal: string | undefined;
+  let reloadPending = false;
+  const stop = (signal: string): void => {
+    if (stopSignal) {
+      console.error(`smtpmux: ${signal} again: exiting now`);
+      process.exit(1);
+    }
+    stopSignal = signal;
+    if (!app) return;
+    app.logger.info({ signal }, 'signal received');
+    stopWatching();
+    app.close().then(() => finish(0), () => finish(1));
+  };
+  process.on('SIGINT', () => stop('SIGINT'));
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGHUP', () => {
+    if (app) void app.reload('SIGHUP');
+    else reloadPending = true;
+  });
+
   try {
     app = await App.start({ configPath: config });
   } catch (err) {
     return reportFailure(err);
   }
-  const { watchForReload } = await import('./config/watch');
-  const stopWatching = watchForReload(app);
-  process.on('SIGHUP', () => void app.reload('SIGHUP'));
-  return new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (signal: string): void => {
-      if (stopping) {
-        app.logger.warn({ signal }, 'second signal: exiting now');
-        process.exit(1);
-      }
-      stopping = true;
-      app.logger.info({ signal }, 'signal received');
-      stopWatching();
-      app.close().then(() => resolve(0), () => resolve(1));
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-  });
+  stopWatching = watchForReload(app);
+  if (stopSignal) {
+    const signal = stopSignal;
+    stopSignal = undefined;
+    stop(signal);
+  } else if (reloadPending) void app.reload('SIGHUP');
+  return finished;
 }
 
 async function check(config: string): Promise<number> {

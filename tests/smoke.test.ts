@@ -22,6 +22,6 @@ describe('smoke', () => {
     const s = await swaks(proxy.port);
     expect(s.code).toBe(0);
     expect(a.received.length + b.received.length).toBe(5);
-    console.log(a.received.length, b.received.length, proxy.logText().slice(-1500));
+    expect(Math.abs(a.received.length - b.received.length)).toBe(1);
   });
 });
