@@ -52,28 +52,13 @@ export class SmtpMuxError extends Error {
     return new SmtpMuxError(this.code, this.detail ? `${more}; ${this.detail}` : more, this.override);
   }
 
-  get permanent(): boolean {
-    return this.responseCode >= 500;
-  }
 }
-
-/** Errors from the sandbox boundary: what a selector did wrong, as values the host can log and classify. */
-export type SelectorFaultKind = 'threw' | 'timeout' | 'memory' | 'bad-result' | 'unavailable';
-
-export const SELECTOR_FAULT_CODE: Record<SelectorFaultKind, ErrorCode> = {
-  threw: 'SMTPMUX_SELECTOR_FAILED',
-  timeout: 'SMTPMUX_SELECTOR_TIMEOUT',
-  memory: 'SMTPMUX_SELECTOR_MEMORY',
-  'bad-result': 'SMTPMUX_SELECTOR_BAD_RESULT',
-  unavailable: 'SMTPMUX_SELECTOR_UNAVAILABLE',
-};
 
 /** Codes the send() bridge hands to a selector script besides nodemailer's own (ECONNECTION, EAUTH, ...). */
 export const SEND_CODES = {
   SMTPMUX_UNKNOWN_DOWNSTREAM: 'No downstream by that name is configured for this user',
   SMTPMUX_ALREADY_DELIVERED: 'This message was already delivered; it is not sent twice',
   SMTPMUX_SEND_LIMIT: 'Too many send() calls for one message',
-  SMTPMUX_RUN_OVER: 'The selector run for this message is over',
 } as const;
 
 export type SendCode = keyof typeof SEND_CODES;

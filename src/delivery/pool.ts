@@ -34,7 +34,6 @@ export function poolKey(ds: DownstreamConfig, settings: PoolSettings): string {
 
 export class DownstreamPool {
   private readonly transport;
-  private inFlight = 0;
 
   constructor(
     readonly key: string,
@@ -66,9 +65,9 @@ export class DownstreamPool {
 
   /** Sends the raw message unchanged with the given envelope; never rejects. */
   async send(envelope: Envelope, raw: Buffer | Readable): Promise<AttemptResult> {
-    this.inFlight++;
     try {
       const info = await this.transport.sendMail({
+        // use8BitMime and size reach MAIL FROM (BODY=8BITMIME, SIZE=) though nodemailer's type omits them.
         envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
         raw,
       });
@@ -78,13 +77,8 @@ export class DownstreamPool {
     } catch (err) {
       return { ok: false, ...classifyFailure(err) };
     } finally {
-      this.inFlight--;
-      if (typeof raw !== 'object' || !Buffer.isBuffer(raw)) (raw as Readable).destroy();
+      if (!Buffer.isBuffer(raw)) raw.destroy();
     }
-  }
-
-  get busy(): boolean {
-    return this.inFlight > 0;
   }
 
   close(): void {
