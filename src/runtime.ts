@@ -223,6 +223,7 @@ function describeChanges(previous: Runtime | undefined, next: Runtime, compiled:
   if (previous) {
     const [a, b] = [previous.config.listen, next.config.listen];
     if (a.host !== b.host || a.port !== b.port) needsRestart.push(`listen (${a.host}:${a.port} → ${b.host}:${b.port})`);
+    if (previous.config.hostname !== next.config.hostname) needsRestart.push('hostname (in the greeting to clients; downstreams see the new one)');
   }
   return {
     usersAdded: [...after.keys()].filter((k) => !before.has(k)),

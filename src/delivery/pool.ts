@@ -32,6 +32,10 @@ export function poolKey(ds: DownstreamConfig, settings: PoolSettings): string {
   return JSON.stringify([ds.host, ds.port, ds.tls, ds.verifyTls, secret, settings.connectTimeoutMs, settings.socketTimeoutMs, settings.maxConnections, settings.hostname ?? '']);
 }
 
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
 export class DownstreamPool {
   private readonly transport;
 
@@ -45,7 +49,9 @@ export class DownstreamPool {
       host: ds.host,
       port: ds.port,
       secure: ds.tls === 'tls',
-      requireTLS: ds.tls === 'starttls',
+      // In auto mode a password is only sent over TLS, unless the downstream is on this machine (as Go's
+      // net/smtp does): a server that stops offering STARTTLS must not get it in the clear.
+      requireTLS: ds.tls === 'starttls' || (ds.tls === 'auto' && ds.user !== undefined && !isLoopback(ds.host)),
       ignoreTLS: ds.tls === 'none',
       tls: { rejectUnauthorized: ds.verifyTls, servername: ds.host },
       auth: ds.user !== undefined ? { user: ds.user, pass: ds.pass } : undefined,
