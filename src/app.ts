@@ -110,6 +110,8 @@ export class App {
       const { runtime, changes } = await Runtime.build(config, this.current);
       const previous = this.current;
       this.current = runtime;
+      // smtp-server advertises SIZE and checks MAIL FROM's SIZE= from its options: keep them in step.
+      (this.server.options as { size?: number }).size = config.maxMessageSize;
       this.live.add(runtime);
       previous.retire(runtime);
       this.forgetIdle();

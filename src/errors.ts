@@ -14,6 +14,7 @@ export const CATALOGUE = {
   SMTPMUX_AUTH_INSECURE: { reply: 538, enhanced: '5.7.11', text: 'Plaintext authentication is disabled on this connection (set allow_insecure_auth to allow it)' },
   SMTPMUX_MESSAGE_TOO_BIG: { reply: 552, enhanced: '5.3.4', text: 'Message exceeds the maximum message size' },
   SMTPMUX_RECEIVE_FAILED: { reply: 451, enhanced: '4.3.0', text: 'The message could not be received; please try again' },
+  SMTPMUX_INTERNAL: { reply: 451, enhanced: '4.3.0', text: 'An internal error stopped this message; please try again later' },
   SMTPMUX_SELECTOR_FAILED: { reply: 451, enhanced: '4.3.0', text: 'The routing script failed; the message was not sent, please try again later' },
   SMTPMUX_SELECTOR_TIMEOUT: { reply: 451, enhanced: '4.3.0', text: 'The routing script ran out of time; the message was not sent, please try again later' },
   SMTPMUX_SELECTOR_MEMORY: { reply: 451, enhanced: '4.3.0', text: 'The routing script ran out of memory; the message was not sent, please try again later' },

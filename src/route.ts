@@ -26,13 +26,20 @@ export async function routeMessage(
   const log = logger.child({ msgId: message.id, user: user.email });
   const delivery = new Delivery(body, envelope, user.targets, runtime.config.limits.maxSends);
 
-  const outcome: SelectorOutcome = await user.selector.run(message, user.downstreams, {
-    send: (target) => delivery.send(target),
-    log: (text) => log.info({ selector, scriptLog: true }, text),
-  });
-  if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
-  // A send() the script did not wait for may still deliver: the answer waits for every attempt.
-  await delivery.settled();
+  let outcome: SelectorOutcome;
+  try {
+    outcome = await user.selector.run(message, user.downstreams, {
+      send: (target) => delivery.send(target),
+      log: (text) => log.info({ selector, scriptLog: true }, text),
+    });
+    if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
+  } catch (err) {
+    // Not expected (run() never rejects); whatever it was, the latch below still decides the reply.
+    outcome = { kind: 'fault', fault: 'threw', detail: `internal error: ${(err as Error)?.message ?? err}` };
+  } finally {
+    // A send() the script did not wait for may still deliver: the answer waits for every attempt.
+    await delivery.settled();
+  }
   const verdict = delivery.verdict(outcome);
 
   const line = {

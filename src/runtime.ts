@@ -86,7 +86,7 @@ export class Runtime {
    */
   static async build(config: Config, previous?: Runtime): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
     const settings: PoolSettings = { ...config.delivery, hostname: config.hostname };
-    const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb };
+    const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb, maxSends: config.limits.maxSends };
     const pools = new Map<string, DownstreamPool>();
     const sandboxes = new Map<string, SelectorSandbox>();
     const created: SelectorSandbox[] = [];

@@ -98,7 +98,7 @@ export class Delivery {
 
   private refuse(target: string | null, code: SendCode, started: number, detail = ''): SendRecord {
     const message = `${SEND_CODES[code]}${detail}`;
-    this.problems.push(message);
+    if (this.problems.length < 20) this.problems.push(message);
     return { ok: false, downstream: target, code, permanent: code !== 'SMTPMUX_SEND_LIMIT', message, ms: Date.now() - started };
   }
 

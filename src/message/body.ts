@@ -34,6 +34,8 @@ export class MessageBody {
     let dir: string | undefined;
     let file: string | undefined;
     let out: WriteStream | undefined;
+    /** The spill in progress, so a failed receive can wait for it before cleaning up. */
+    let spilling: Promise<void> | undefined;
 
     let outError: Error | undefined;
     // One listener pair per wait, removed when it settles: a 10 MB body waits for 'drain' hundreds of
@@ -86,7 +88,8 @@ export class MessageBody {
           }
           await writeToFile(chunk);
         };
-        spill().then(() => done(), done);
+        spilling = spill();
+        spilling.then(() => done(), done);
       },
       final: (done) => {
         if (!out) return done();
@@ -97,6 +100,9 @@ export class MessageBody {
     try {
       await pipeline(stream, sink);
     } catch (err) {
+      // The client went away mid-DATA: finish what was in flight, then leave no file and no fd behind.
+      await spilling?.catch(() => undefined);
+      out?.destroy();
       if (dir) await fs.rm(dir, { recursive: true, force: true });
       throw err;
     }

@@ -2,13 +2,53 @@
 // and the invoke() trampoline that freezes the inputs and turns any result into a plain record.
 // It talks to the host only through two References (hostSend, hostLog), fire-and-forget; results come
 // back through settle(), which the host calls with a plain copy. Promise rejections never cross.
+//
+// The user's script runs after this and may replace any built-in (String, Array.prototype.map,
+// Object.prototype.then...). So everything here uses built-ins captured before that, returns records
+// without a prototype (a hooked `then` cannot intercept them), and bounds every string and list it
+// hands out, so what reaches the host has the shape and the size the host expects.
+
+/** Bounds on what crosses out of the isolate; the host checks them again. */
+export const BOUNDS = {
+  text: 2000,
+  targets: 100,
+  name: 200,
+  logArgs: 20,
+} as const;
 
 export const BOOTSTRAP_SOURCE = String.raw`
 const [hostSend, hostLog] = [$0, $1];
-const pending = new Map();
+const B = ${JSON.stringify(BOUNDS)};
+const { freeze, isFrozen, keys, defineProperty, getPrototypeOf } = Object;
+const isArray = Array.isArray;
+const apply = Reflect.apply;
+const toText = String;
+const stringify = JSON.stringify;
+const strSlice = String.prototype.slice;
+const isPrototypeOf = Object.prototype.isPrototypeOf;
+const applyIgnored = getPrototypeOf(hostSend).applyIgnored;
+const PromiseCtor = Promise;
+const PromisePrototype = Promise.prototype;
+const rejected = (err) => new PromiseCtor((_resolve, reject) => reject(err));
+
+const pending = { __proto__: null };
 let nextId = 0;
 let selectFn;
 let logBudget = 0;
+let sendBudget = 0;
+
+function cut(text, max) {
+  return text.length > max ? apply(strSlice, text, [0, max]) : text;
+}
+
+function safeText(value, max = B.text) {
+  try {
+    if (typeof value === 'string') return cut(value, max);
+    return cut(toText(value), max);
+  } catch {
+    return '';
+  }
+}
 
 class SendError extends Error {
   constructor(record) {
@@ -21,44 +61,59 @@ class SendError extends Error {
     this.permanent = record.permanent;
   }
 }
+const SendErrorPrototype = SendError.prototype;
+const ErrorPrototype = Error.prototype;
 
 function targetName(ds) {
-  if (typeof ds === 'string') return ds;
-  if (ds && typeof ds === 'object' && typeof ds.name === 'string') return ds.name;
+  if (typeof ds === 'string') return cut(ds, B.name);
+  if (ds && typeof ds === 'object' && typeof ds.name === 'string') return cut(ds.name, B.name);
   return null;
 }
 
 function send(ds) {
+  // The cap is kept here, before anything crosses to the host: a script cannot flood the bridge.
+  if (sendBudget <= 0) {
+    return rejected(new SendError({ code: 'SMTPMUX_SEND_LIMIT', downstream: null, permanent: false, message: 'Too many send() calls for one message' }));
+  }
+  sendBudget--;
   const id = ++nextId;
-  const promise = new Promise((resolve, reject) => pending.set(id, { resolve, reject }));
-  hostSend.applyIgnored(undefined, [id, targetName(ds)]);
+  const promise = new PromiseCtor((resolve, reject) => (pending[id] = { resolve, reject }));
+  apply(applyIgnored, hostSend, [undefined, [id, targetName(ds)]]);
   return promise;
 }
 
 function show(value) {
-  if (typeof value === 'string') return value;
-  if (value instanceof Error) return value.stack || String(value);
-  try { return JSON.stringify(value) ?? String(value); } catch { return String(value); }
+  if (typeof value === 'string') return cut(value, B.text);
+  try {
+    if (value !== null && typeof value === 'object' && apply(isPrototypeOf, ErrorPrototype, [value])) return safeText(value.stack || value, B.text);
+    const json = stringify(value);
+    return json === undefined ? safeText(value) : cut(json, B.text);
+  } catch {
+    return safeText(value);
+  }
 }
 
 function log(...args) {
   if (logBudget <= 0) return;
   logBudget--;
-  hostLog.applyIgnored(undefined, [args.map(show).join(' ').slice(0, 2000)]);
+  let line = '';
+  for (let i = 0; i < args.length && i < B.logArgs && line.length < B.text; i++) line += (i ? ' ' : '') + show(args[i]);
+  apply(applyIgnored, hostLog, [undefined, [cut(line, B.text)]]);
 }
 
 function deepFreeze(value) {
-  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
-    Object.freeze(value);
-    for (const key of Object.keys(value)) deepFreeze(value[key]);
+  if (value && typeof value === 'object' && !isFrozen(value)) {
+    freeze(value);
+    const names = keys(value);
+    for (let i = 0; i < names.length; i++) deepFreeze(value[names[i]]);
   }
   return value;
 }
 
 function settle(id, record) {
-  const entry = pending.get(id);
+  const entry = pending[id];
   if (!entry) return;
-  pending.delete(id);
+  delete pending[id];
   if (record.ok) entry.resolve(deepFreeze(record));
   else entry.reject(new SendError(record));
 }
@@ -69,44 +124,63 @@ function bind(fn) {
 }
 
 function errorRecord(err) {
-  if (err instanceof Error) {
-    return { kind: 'threw', name: err.name, message: String(err.message), stack: String(err.stack || ''), sendError: err instanceof SendError };
+  try {
+    if (err !== null && typeof err === 'object' && apply(isPrototypeOf, ErrorPrototype, [err])) {
+      return {
+        __proto__: null,
+        kind: 'threw',
+        name: safeText(err.name, B.name),
+        message: safeText(err.message),
+        stack: safeText(err.stack),
+        sendError: apply(isPrototypeOf, SendErrorPrototype, [err]),
+      };
+    }
+  } catch {
+    // a getter on the error threw: report what can be said
   }
-  return { kind: 'reason', reason: show(err) };
-}
-
-function toName(item, names) {
-  if (typeof item === 'string') return item;
-  if (item && typeof item === 'object' && typeof item.name === 'string') return item.name;
-  return undefined;
+  return { __proto__: null, kind: 'reason', reason: show(err) };
 }
 
 function normalize(result, names) {
-  if (result === undefined || result === null) return { kind: 'none' };
-  if (typeof result === 'string') return names.has(result) ? { kind: 'order', targets: [result] } : { kind: 'reason', reason: result };
-  const list = Array.isArray(result) ? result : [result];
-  const targets = list.map((item) => toName(item, names));
-  const bad = targets.findIndex((t) => t === undefined);
-  if (bad >= 0) return { kind: 'bad', detail: 'item ' + bad + ' of the returned list is neither a downstream name nor a downstream object' };
-  return { kind: 'order', targets };
+  if (result === undefined || result === null) return { __proto__: null, kind: 'none' };
+  if (typeof result === 'string') {
+    return names[result] === true ? { __proto__: null, kind: 'order', targets: [result] } : { __proto__: null, kind: 'reason', reason: cut(result, B.text) };
+  }
+  const list = isArray(result) ? result : [result];
+  if (list.length > B.targets) return { __proto__: null, kind: 'bad', detail: 'the returned list has more than ' + B.targets + ' items' };
+  const targets = [];
+  for (let i = 0; i < list.length; i++) {
+    const name = targetName(list[i]);
+    if (name === null) return { __proto__: null, kind: 'bad', detail: 'item ' + i + ' of the returned list is neither a downstream name nor a downstream object' };
+    targets[i] = name;
+  }
+  return { __proto__: null, kind: 'order', targets };
 }
 
-async function invoke(message, downstreams, logLimit) {
+async function invoke(message, downstreams, logLimit, sendLimit) {
   logBudget = logLimit;
+  sendBudget = sendLimit;
   deepFreeze(message);
   deepFreeze(downstreams);
-  const names = new Set(downstreams.flatMap((ds) => [ds.name, ds.addr]));
+  const names = { __proto__: null };
+  for (let i = 0; i < downstreams.length; i++) {
+    names[downstreams[i].name] = true;
+    names[downstreams[i].addr] = true;
+  }
   try {
-    return normalize(await selectFn(message, downstreams), names);
+    // Only a native promise is awaited: awaiting any other object would call its (maybe hooked) then().
+    const out = selectFn(message, downstreams);
+    const result = out !== null && typeof out === 'object' && apply(isPrototypeOf, PromisePrototype, [out]) ? await out : out;
+    return normalize(result, names);
   } catch (err) {
     return errorRecord(err);
   }
 }
 
-const hidden = { writable: false, enumerable: false, configurable: false };
-Object.defineProperty(globalThis, 'send', { value: send, ...hidden });
-Object.defineProperty(globalThis, 'log', { value: log, ...hidden });
-Object.defineProperty(globalThis, 'SendError', { value: SendError, ...hidden });
-Object.defineProperty(globalThis, 'console', { value: Object.freeze({ log, info: log, warn: log, error: log, debug: log }), ...hidden });
+const expose = (name, value) => defineProperty(globalThis, name, { value, writable: false, enumerable: false, configurable: false });
+expose('send', send);
+expose('log', log);
+expose('SendError', SendError);
+expose('console', freeze({ log, info: log, warn: log, error: log, debug: log }));
 return { settle, bind, invoke };
 `;

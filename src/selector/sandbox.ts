@@ -5,7 +5,7 @@
 // async context a global cannot tell which of two interleaved runs called it.
 import { promises as fs } from 'node:fs';
 import ivm from 'isolated-vm';
-import { BOOTSTRAP_SOURCE } from './bootstrap';
+import { BOOTSTRAP_SOURCE, BOUNDS } from './bootstrap';
 import type { DownstreamView, MessageSummary, RunHost, SelectorOutcome, SendRecord } from './types';
 
 export interface SandboxLimits {
@@ -13,6 +13,8 @@ export interface SandboxLimits {
   readonly memoryMb: number;
   /** log() lines one run may write. */
   readonly logLines?: number;
+  /** send() calls one run may make; the isolate refuses the rest itself. */
+  readonly maxSends?: number;
 }
 
 /** A selector that cannot be loaded: its file, where in it (file:line:col) and what is wrong. */
@@ -30,24 +32,18 @@ export class SelectorLoadError extends Error {
 interface Instance {
   readonly isolate: ivm.Isolate;
   readonly settle: ivm.Reference<(id: number, record: SendRecord) => void>;
-  readonly invoke: ivm.Reference<(message: MessageSummary, downstreams: DownstreamView[], logLines: number) => Promise<unknown>>;
+  readonly invoke: ivm.Reference<(message: MessageSummary, downstreams: DownstreamView[], logLines: number, maxSends: number) => Promise<unknown>>;
 }
 
 interface ActiveRun {
   readonly instance: Instance;
   readonly host: RunHost;
   readonly deadline: number;
-  readonly finish: (outcome: SelectorOutcome) => void;
+  /** Ends the run with this outcome, once: later calls do nothing. */
+  readonly complete: (outcome: SelectorOutcome) => boolean;
   over: boolean;
+  sends: number;
 }
-
-/** What invoke() in the bootstrap returns: plain data, copied out. */
-type InvokeRecord =
-  | { kind: 'order'; targets: string[] }
-  | { kind: 'none' }
-  | { kind: 'reason'; reason: string }
-  | { kind: 'bad'; detail: string }
-  | { kind: 'threw'; name: string; message: string; stack: string; sendError: boolean };
 
 const MODULE_SYNTAX = /Cannot use import statement outside a module|Unexpected token 'export'|import declarations may only appear/;
 
@@ -109,32 +105,41 @@ export class SelectorSandbox {
     const { timeoutMs } = this.limits;
     let finish!: (outcome: SelectorOutcome) => void;
     const finished = new Promise<SelectorOutcome>((resolve) => (finish = resolve));
-    const run: ActiveRun = { instance, host, deadline: Date.now() + timeoutMs, finish, over: false };
+    const run: ActiveRun = {
+      instance,
+      host,
+      deadline: Date.now() + timeoutMs,
+      over: false,
+      sends: 0,
+      complete: (outcome) => {
+        if (run.over) return false;
+        run.over = true;
+        finish(outcome);
+        return true;
+      },
+    };
     this.active = run;
     // isolated-vm's own timeout does not reach code that runs after an await: the host's clock does.
     const timer = setTimeout(() => this.kill(run, 'timeout', `the selector did not finish within ${timeoutMs} ms`), timeoutMs);
     instance.invoke
-      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50], {
+      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50, this.limits.maxSends ?? 5], {
         arguments: { copy: true },
         result: { promise: true, copy: true },
         timeout: timeoutMs,
       })
       .then(
-        (record: unknown) => finish(this.outcomeOf(record as InvokeRecord)),
+        (record: unknown) => run.complete(this.outcomeOf(record)),
         (err: Error) => this.kill(run, ...this.faultOf(instance, err)),
       );
     const outcome = await finished;
     clearTimeout(timer);
-    run.over = true;
     if (this.active === run) this.active = undefined;
     return outcome;
   }
 
   /** Ends a run that broke a limit and throws its isolate away; the next run builds a fresh one. */
   private kill(run: ActiveRun, fault: 'timeout' | 'memory' | 'threw' | 'unavailable', detail: string): void {
-    if (run.over) return;
-    run.over = true;
-    run.finish({ kind: 'fault', fault, detail });
+    if (!run.complete({ kind: 'fault', fault, detail })) return;
     if (this.instance) {
       const stale = this.instance;
       this.instance = undefined;
@@ -151,23 +156,35 @@ export class SelectorSandbox {
     return ['threw', message];
   }
 
-  private outcomeOf(record: InvokeRecord): SelectorOutcome {
+  /**
+   * What the isolate returned, checked again on this side: the bootstrap bounds and shapes it, but a
+   * script that broke the bootstrap's assumptions must cost its message a 451, never the process.
+   */
+  private outcomeOf(value: unknown): SelectorOutcome {
+    const unexpected: SelectorOutcome = { kind: 'fault', fault: 'bad-result', detail: 'the selector returned something unexpected' };
+    if (value === null || typeof value !== 'object') return unexpected;
+    const record = value as Partial<Record<string, unknown>>;
+    const text = (field: unknown, max: number = BOUNDS.text): string => (typeof field === 'string' ? field.slice(0, max) : '');
     switch (record.kind) {
-      case 'order':
       case 'none':
-        return record;
+        return { kind: 'none' };
+      case 'order': {
+        const targets = record.targets;
+        if (!Array.isArray(targets) || targets.length > BOUNDS.targets || !targets.every((t) => typeof t === 'string')) return unexpected;
+        return { kind: 'order', targets: targets.map((t: string) => t.slice(0, BOUNDS.name)) };
+      }
       case 'reason':
-        return { kind: 'reason', reason: record.reason };
+        return { kind: 'reason', reason: text(record.reason) };
       case 'bad':
-        return { kind: 'fault', fault: 'bad-result', detail: record.detail };
+        return { kind: 'fault', fault: 'bad-result', detail: text(record.detail) };
       case 'threw': {
-        const location = locate(record.stack, this.file);
+        const location = locate(text(record.stack), this.file);
         // A SendError the script let through is the send's own failure: the attempts decide the reply.
-        if (record.sendError) return { kind: 'reason', reason: record.message, location };
-        return { kind: 'fault', fault: 'threw', detail: `${record.name}: ${record.message}`, location };
+        if (record.sendError === true) return { kind: 'reason', reason: text(record.message), location };
+        return { kind: 'fault', fault: 'threw', detail: `${text(record.name, BOUNDS.name)}: ${text(record.message)}`, location };
       }
       default:
-        return { kind: 'fault', fault: 'bad-result', detail: 'the selector returned something unexpected' };
+        return unexpected;
     }
   }
 
@@ -175,6 +192,8 @@ export class SelectorSandbox {
   private onSend(instance: Instance, id: number, target: unknown): void {
     const run = this.active;
     if (!run || run.over || run.instance !== instance) return;
+    // The isolate enforces the cap; this guards the host if that were ever bypassed.
+    if (++run.sends > (this.limits.maxSends ?? 5)) return;
     const sent = run.host.send(typeof target === 'string' ? target : null).catch(
       (err: Error): SendRecord => ({ ok: false, downstream: null, code: 'EUNKNOWN', permanent: false, message: String(err?.message ?? err), ms: 0 }),
     );
@@ -192,7 +211,10 @@ export class SelectorSandbox {
       const context = await isolate.createContext();
       let instance: Instance | undefined;
       const hostSend = new ivm.Reference((id: number, target: unknown) => instance && this.onSend(instance, id, target));
-      const hostLog = new ivm.Reference((text: unknown) => this.active?.instance === instance && this.active?.host.log(String(text)));
+      const hostLog = new ivm.Reference((text: unknown) => {
+        const run = this.active;
+        if (run && run.instance === instance && typeof text === 'string') run.host.log(text.slice(0, BOUNDS.text));
+      });
       const api = await context.evalClosure(BOOTSTRAP_SOURCE, [hostSend, hostLog], { result: { reference: true } });
       const bind = await api.get('bind', { reference: true });
       instance = {
@@ -222,7 +244,8 @@ export class SelectorSandbox {
     try {
       const script = await isolate.compileScript(this.source, { filename: this.file });
       await script.run(context, { timeout });
-      return await context.evalClosure('return typeof select === "function" ? select : undefined', [], { result: { reference: true } });
+      // With a timeout: `select` may be a getter on the global that never returns.
+      return await context.evalClosure('return typeof select === "function" ? select : undefined', [], { result: { reference: true }, timeout });
     } catch (err) {
       // By name, not instanceof: isolated-vm builds the error in the realm that loaded it, which is not
       // always this module's (Jest runs tests in a vm context, where `instanceof SyntaxError` is false).

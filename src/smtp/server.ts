@@ -63,7 +63,12 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
     onData(stream, session, callback) {
       handleData(stream, session).then(
         (text) => callback(null, text),
-        (err: Error) => callback(err),
+        (err: Error) => {
+          if (err instanceof SmtpMuxError) return callback(err);
+          // Never a raw exception text as the reply, nor a reply code smtp-server would guess.
+          logger.error({ err: String(err?.stack ?? err) }, 'unexpected error while handling a message');
+          callback(new SmtpMuxError('SMTPMUX_INTERNAL'));
+        },
       );
     },
   });
@@ -75,15 +80,14 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
     let body: MessageBody | undefined;
     try {
       const limit = runtime.config.maxMessageSize;
-      // smtp-server reads the advertised SIZE from here, so a reloaded limit applies to new sessions.
-      (server.options as { size?: number }).size = limit;
       try {
         body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir });
       } catch (err) {
         logger.error({ msgId: id, err: (err as Error).message }, 'message could not be received');
         throw new SmtpMuxError('SMTPMUX_RECEIVE_FAILED', `message id ${id}`);
       }
-      if (stream.sizeExceeded || body.exceeds(limit)) {
+      // Our own count, against this transaction's Runtime: smtp-server's flag may use a limit from before a reload.
+      if (body.exceeds(limit)) {
         logger.warn({ msgId: id, size: body.size, limit }, 'message too big');
         throw new SmtpMuxError('SMTPMUX_MESSAGE_TOO_BIG', `limit ${limit} bytes`);
       }

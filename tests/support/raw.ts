@@ -17,6 +17,8 @@ export interface RawSmtp {
   sendData(bytes: Buffer | string): Promise<Reply>;
   /** EHLO, AUTH PLAIN, MAIL, RCPT, DATA, the body (dot-stuffed here), QUIT not included. */
   sendMessage(options: { from?: string; to?: string; body: Buffer | string }): Promise<Reply>;
+  /** Writes bytes without waiting for any reply (half a DATA, say). */
+  write(bytes: Buffer | string): void;
   close(): void;
 }
 
@@ -102,6 +104,7 @@ export async function connectRaw(port: number, timeoutMs = 15_000): Promise<RawS
       if (data.code !== 354) return data;
       return sendData(Buffer.concat([dotStuff(Buffer.from(body)), Buffer.from('.\r\n')]));
     },
+    write: (bytes) => void socket.write(bytes),
     close: () => socket.destroy(),
   };
 }
