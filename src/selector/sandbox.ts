@@ -13,7 +13,7 @@ export interface SandboxLimits {
   readonly memoryMb: number;
   /** log() lines one run may write. */
   readonly logLines?: number;
-  /** send() calls one run may make; the isolate refuses the rest itself. */
+  /** send() calls one run may make; past one more, the isolate refuses them itself. */
   readonly maxSends?: number;
 }
 
@@ -122,7 +122,7 @@ export class SelectorSandbox {
     // isolated-vm's own timeout does not reach code that runs after an await: the host's clock does.
     const timer = setTimeout(() => this.kill(run, 'timeout', `the selector did not finish within ${timeoutMs} ms`), timeoutMs);
     instance.invoke
-      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50, this.limits.maxSends ?? 5], {
+      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50, (this.limits.maxSends ?? 5) + 1], {
         arguments: { copy: true },
         result: { promise: true, copy: true },
         timeout: timeoutMs,
@@ -192,8 +192,9 @@ export class SelectorSandbox {
   private onSend(instance: Instance, id: number, target: unknown): void {
     const run = this.active;
     if (!run || run.over || run.instance !== instance) return;
-    // The isolate enforces the cap; this guards the host if that were ever bypassed.
-    if (++run.sends > (this.limits.maxSends ?? 5)) return;
+    // The isolate lets one call past the cap cross (the host refuses it and logs the limit) and refuses
+    // the rest itself; this guards the host if that were ever bypassed.
+    if (++run.sends > (this.limits.maxSends ?? 5) + 1) return;
     const sent = run.host.send(typeof target === 'string' ? target : null).catch(
       (err: Error): SendRecord => ({ ok: false, downstream: null, code: 'EUNKNOWN', permanent: false, message: String(err?.message ?? err), ms: 0 }),
     );
