@@ -6,7 +6,7 @@ import { createReadStream, createWriteStream, promises as fs, type WriteStream }
 import os from 'node:os';
 import path from 'node:path';
 import { Writable, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import { finished } from 'node:stream/promises';
 
 export const SPILL_THRESHOLD = 1024 * 1024;
 const MAX_HEADER_BYTES = 64 * 1024;
@@ -97,9 +97,14 @@ export class MessageBody {
       },
     });
 
+    // pipe + finished rather than stream.pipeline: pipeline builds and aborts an AbortController per
+    // call, whose DOMException cost about 4% of the proxy's CPU per message in a profile.
+    stream.pipe(sink);
     try {
-      await pipeline(stream, sink);
+      await Promise.all([finished(stream), finished(sink)]);
     } catch (err) {
+      stream.unpipe(sink);
+      sink.destroy();
       // The client went away mid-DATA: finish what was in flight, then leave no file and no fd behind.
       await spilling?.catch(() => undefined);
       out?.destroy();

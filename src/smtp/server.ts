@@ -20,8 +20,14 @@ export interface InboundDeps {
   readonly tmpDir?: string;
 }
 
+/** Random once per process, so ids from two instances (or a restart within a millisecond) differ. */
+const INSTANCE = randomBytes(3).toString('hex');
+let sequence = 0;
+
+/** A short id, unique per process and sortable by time, with no per-message crypto call. */
 export function newMessageId(): string {
-  return `${Date.now().toString(36)}${randomBytes(4).toString('hex')}`.toUpperCase();
+  sequence = (sequence + 1) % 46656;
+  return `${Date.now().toString(36)}${sequence.toString(36).padStart(3, '0')}${INSTANCE}`.toUpperCase();
 }
 
 export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPServer {
