@@ -5,17 +5,9 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { startDownstream, subjectOf, type Downstream } from './support/downstream';
-import { configFor } from './support/proxy';
+import { configFor, TEST_LIMITS } from './support/proxy';
 import { sendWithNodemailer, swaks } from './support/clients';
 import { envWithout, startServe, type ServeProcess } from './support/cli';
-
-const LIMITS = `limits:
-  selector_timeout_ms: 1000
-  selector_memory_mb: 32
-delivery:
-  connect_timeout_ms: 1000
-  socket_timeout_ms: 5000
-`;
 
 let dir: string;
 const running: ServeProcess[] = [];
@@ -54,7 +46,7 @@ async function downstream(options: Parameters<typeof startDownstream>[0] = {}): 
 describe('smtpmux serve', () => {
   test('started without --no-node-snapshot, it re-execs itself with the flag and serves', async () => {
     const ds = await downstream();
-    const file = writeConfig('reexec.yaml', configFor({ selector: 'round-robin.js', extra: LIMITS, downstreams: [{ name: 'only', addr: ds.addr }] }));
+    const file = writeConfig('reexec.yaml', configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'only', addr: ds.addr }] }));
     const env = userEnv();
     expect(env.NODE_OPTIONS).toBeUndefined();
     const p = await serve(file);
@@ -78,7 +70,7 @@ describe('smtpmux serve', () => {
         return undefined;
       },
     });
-    const file = writeConfig('sigterm.yaml', configFor({ selector: 'round-robin.js', extra: LIMITS, downstreams: [{ name: 'slow', addr: ds.addr }] }));
+    const file = writeConfig('sigterm.yaml', configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'slow', addr: ds.addr }] }));
     const p = await serve(file);
     const sending = sendWithNodemailer(p.port, { subject: 'in flight at SIGTERM' });
     await reachedDownstream;
@@ -122,7 +114,7 @@ describe('smtpmux serve', () => {
       'secrets.yaml',
       configFor({
         selector: 'waterfall.js',
-        extra: LIMITS,
+        extra: TEST_LIMITS,
         email: 'app@user.com',
         password: USER_PASSWORD,
         downstreams: [

@@ -522,6 +522,15 @@ describe('messages inside a selector during a reload', () => {
     return { sending };
   }
 
+  /** Reload 1 of two: adds a second user, other@user.com, routed to fast2, and waits for the reload. */
+  async function reloadAddingOther(proxy: WatchedProxy, dir: string, spec: UserSpec, fast2: Downstream): Promise<{ other: UserSpec; line: LogLine }> {
+    const from = proxy.logs.length;
+    const other: UserSpec = { email: 'other@user.com', password: 'po', selector: 'round-robin.js', downstreams: [{ name: 'fast2', addr: fast2.addr }] };
+    renameOver(path.join(dir, 'config.yaml'), yamlConfig([spec, other]));
+    const { line } = await waitForLog(proxy.logs, from, isReloaded, 'reload 1');
+    return { other, line };
+  }
+
   function expectFinishedOnV1(proxy: WatchedProxy, sent: Sent, fast1: Downstream): void {
     expect(sent).toMatchObject({ ok: true, code: 250 });
     expect(sent.response).toMatch(/via fast1/);
@@ -551,13 +560,10 @@ describe('messages inside a selector during a reload', () => {
     const { proxy, dir, fast1, fast2, slow, spec } = await setup();
     const { sending } = await startSlow(proxy, slow);
     // Reload 1 changes only the config (a new user): the running isolate is carried over.
-    let from = proxy.logs.length;
-    const other: UserSpec = { email: 'other@user.com', password: 'po', selector: 'round-robin.js', downstreams: [{ name: 'fast2', addr: fast2.addr }] };
-    renameOver(path.join(dir, 'config.yaml'), yamlConfig([spec, other]));
-    const first = await waitForLog(proxy.logs, from, isReloaded, 'reload 1');
+    const first = await reloadAddingOther(proxy, dir, spec, fast2);
     expect(first.line).toMatchObject({ usersAdded: ['other@user.com'], selectorsCompiled: [expect.stringContaining('round-robin.js')], selectorsKept: 1 });
     // Reload 2 replaces the selector: the isolate the slow message is inside is no longer wanted.
-    from = proxy.logs.length;
+    const from = proxy.logs.length;
     renameOver(path.join(dir, 'sel.js'), V2);
     await waitForLog(proxy.logs, from, isReloaded, 'reload 2');
     expect(await sendWithNodemailer(proxy.port, { subject: 'next' })).toMatchObject({ ok: true, code: 250 });
@@ -570,11 +576,8 @@ describe('messages inside a selector during a reload', () => {
     const { proxy, dir, fast1, fast2, slow, spec } = await setup();
     const { sending } = await startSlow(proxy, slow);
     // Reload 1 adds a user (fast1's pool is carried over); reload 2 removes fast1 from the config.
-    let from = proxy.logs.length;
-    const other: UserSpec = { email: 'other@user.com', password: 'po', selector: 'round-robin.js', downstreams: [{ name: 'fast2', addr: fast2.addr }] };
-    renameOver(path.join(dir, 'config.yaml'), yamlConfig([spec, other]));
-    await waitForLog(proxy.logs, from, isReloaded, 'reload 1');
-    from = proxy.logs.length;
+    const { other } = await reloadAddingOther(proxy, dir, spec, fast2);
+    const from = proxy.logs.length;
     renameOver(path.join(dir, 'config.yaml'), yamlConfig([{ ...spec, downstreams: spec.downstreams.filter((d) => d.name !== 'fast1') }, other]));
     const second = await waitForLog(proxy.logs, from, isReloaded, 'reload 2');
     expect(second.line).toMatchObject({ poolsClosed: 1 });

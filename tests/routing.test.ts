@@ -2,16 +2,8 @@
 // of downstreams for the host to try, or send() calls of its own), failover, and the verdicts when
 // nothing accepts.
 import { deadPort, startDownstream, subjectOf, type Downstream } from './support/downstream';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { configFor, startProxy, TEST_LIMITS, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
-
-const LIMITS = `limits:
-  selector_timeout_ms: 1000
-  selector_memory_mb: 32
-delivery:
-  connect_timeout_ms: 1000
-  socket_timeout_ms: 5000
-`;
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -40,7 +32,7 @@ describe('routing', () => {
     const a = await downstream();
     const b = await downstream();
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'round-robin.js', extra: LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     for (let i = 0; i < 10; i++) {
       expect(await sendWithNodemailer(p.port, { subject: `rr ${i}` })).toMatchObject({ ok: true });
@@ -59,7 +51,7 @@ describe('routing', () => {
     const p = await proxy({
       'config.yaml': configFor({
         selector: 'waterfall.js',
-        extra: LIMITS,
+        extra: TEST_LIMITS,
         downstreams: [
           { name: 'down', addr: `127.0.0.1:${down}` },
           { name: 'busy', addr: busy.addr },
@@ -85,7 +77,7 @@ describe('routing', () => {
   test('every downstream down gives 451 4.4.1 and nothing is delivered', async () => {
     const [d1, d2] = [await deadPort(), await deadPort()];
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: LIMITS, downstreams: [{ name: 'd1', addr: `127.0.0.1:${d1}` }, { name: 'd2', addr: `127.0.0.1:${d2}` }] }),
+      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'd1', addr: `127.0.0.1:${d1}` }, { name: 'd2', addr: `127.0.0.1:${d2}` }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'nowhere' });
     expect(sent.ok).toBe(false);
@@ -100,7 +92,7 @@ describe('routing', () => {
     const r1 = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const r2 = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: LIMITS, downstreams: [{ name: 'r1', addr: r1.addr }, { name: 'r2', addr: r2.addr }] }),
+      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'r1', addr: r1.addr }, { name: 'r2', addr: r2.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'refused' });
     expect(sent.ok).toBe(false);
@@ -114,7 +106,7 @@ describe('routing', () => {
     const refusing = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const busy = await downstream({ fail: { kind: 'reply', code: 451, message: '4.3.0 Try again later' } });
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: LIMITS, downstreams: [{ name: 'refusing', addr: refusing.addr }, { name: 'busy', addr: busy.addr }] }),
+      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'refusing', addr: refusing.addr }, { name: 'busy', addr: busy.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'mixed' });
     expect(sent.ok).toBe(false);
@@ -134,7 +126,7 @@ describe('routing', () => {
       }`,
       'config.yaml': configFor({
         selector: 'ordered.js',
-        extra: LIMITS,
+        extra: TEST_LIMITS,
         downstreams: [
           { name: 'first', addr: first.addr },
           { name: 'busy', addr: busy.addr },
@@ -155,7 +147,7 @@ describe('routing', () => {
     const b = await downstream();
     const p = await proxy({
       'by-name.js': `function select() { return 'b'; }`,
-      'config.yaml': configFor({ selector: 'by-name.js', extra: LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': configFor({ selector: 'by-name.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     for (let i = 0; i < 2; i++) expect(await sendWithNodemailer(p.port, { subject: `name ${i}` })).toMatchObject({ ok: true });
     expect(b.received).toHaveLength(2);
@@ -167,7 +159,7 @@ describe('routing', () => {
     const b = await downstream();
     const p = await proxy({
       'by-addr.js': `function select(message, downstreams) { return downstreams[1].addr; }`,
-      'config.yaml': configFor({ selector: 'by-addr.js', extra: LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': configFor({ selector: 'by-addr.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     expect(await sendWithNodemailer(p.port, { subject: 'addr' })).toMatchObject({ ok: true });
     expect(b.received).toHaveLength(1);
@@ -177,7 +169,7 @@ describe('routing', () => {
     const a = await downstream();
     const p = await proxy({
       'refuse.js': `function select() { return 'no route for this sender'; }`,
-      'config.yaml': configFor({ selector: 'refuse.js', extra: LIMITS, downstreams: [{ name: 'a', addr: a.addr }] }),
+      'config.yaml': configFor({ selector: 'refuse.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'reason' });
     expect(sent).toMatchObject({ ok: false, code: 451 });
@@ -201,7 +193,7 @@ describe('routing', () => {
       }`,
       'config.yaml': configFor({
         selector: 'greedy.js',
-        extra: LIMITS.replace('limits:\n', 'limits:\n  max_sends: 2\n'),
+        extra: TEST_LIMITS.replace('limits:\n', 'limits:\n  max_sends: 2\n'),
         downstreams: [{ name: 'busy', addr: busy.addr }, { name: 'spare', addr: spare.addr }],
       }),
     });

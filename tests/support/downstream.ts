@@ -96,17 +96,31 @@ export async function startDownstream(
       });
     },
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const port = (server.server.address() as AddressInfo).port;
   return {
-    port,
-    addr: `127.0.0.1:${port}`,
+    ...(await listenOnLoopback(server)),
     received,
     connections: () => connections,
     authFailures: () => authFailures,
     fail(next) {
       mode = next;
     },
+  };
+}
+
+export interface Listening {
+  readonly port: number;
+  readonly addr: string;
+  /** Closes every open connection, then the server. */
+  close(): Promise<void>;
+}
+
+/** Starts `server` on 127.0.0.1 on a port the OS picks, and says where it listens and how to close it. */
+export async function listenOnLoopback(server: SMTPServer): Promise<Listening> {
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const port = (server.server.address() as AddressInfo).port;
+  return {
+    port,
+    addr: `127.0.0.1:${port}`,
     close: () =>
       new Promise<void>((resolve) => {
         for (const conn of server.connections) (conn as unknown as { close(): void }).close();

@@ -60,6 +60,15 @@ export async function startProxy(files: Record<string, string>, options: { env?:
   };
 }
 
+/** `extra` for configFor: short selector limits and delivery timeouts, so a failing test fails fast. */
+export const TEST_LIMITS = `limits:
+  selector_timeout_ms: 1000
+  selector_memory_mb: 32
+delivery:
+  connect_timeout_ms: 1000
+  socket_timeout_ms: 5000
+`;
+
 /** A YAML config for one user with the given downstreams. */
 export function configFor(options: {
   selector: string;

@@ -3,7 +3,6 @@
 // can change while it runs, bounded waits on the captured log, and file edits the way editors and
 // kubelet make them.
 import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
-import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -11,7 +10,7 @@ import { SMTPServer } from 'smtp-server';
 import { App } from '../../src/app';
 import { ReloadWatcher, type WatchOptions } from '../../src/config/watch';
 import { createLogger } from '../../src/observe/logger';
-import { subjectOf } from './downstream';
+import { listenOnLoopback, subjectOf } from './downstream';
 
 export type LogLine = Record<string, unknown> & { msg?: string; level?: number; time?: string };
 
@@ -219,22 +218,14 @@ export async function startAuthDownstream(user: string, passwords: string[]): Pr
       });
     },
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const port = (server.server.address() as AddressInfo).port;
   return {
-    port,
-    addr: `127.0.0.1:${port}`,
+    ...(await listenOnLoopback(server)),
     received,
     connections: () => connections,
     authFailures: () => failures,
     accept(next) {
       accepted = new Set(next);
     },
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const conn of server.connections) (conn as unknown as { close(): void }).close();
-        server.close(() => resolve());
-      }),
   };
 }
 
@@ -288,18 +279,15 @@ export async function startSlowDownstream(ms: number, code = 451): Promise<SlowD
       });
     },
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const port = (server.server.address() as AddressInfo).port;
+  const listening = await listenOnLoopback(server);
   return {
-    port,
-    addr: `127.0.0.1:${port}`,
+    port: listening.port,
+    addr: listening.addr,
     seen,
     connections: () => connections,
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const timer of timers) clearTimeout(timer);
-        for (const conn of server.connections) (conn as unknown as { close(): void }).close();
-        server.close(() => resolve());
-      }),
+    close: () => {
+      for (const timer of timers) clearTimeout(timer);
+      return listening.close();
+    },
   };
 }
