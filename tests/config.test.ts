@@ -1,6 +1,6 @@
 // The config file: every problem reported at once as `file:key: what is wrong`, ${ENV} substitution,
 // the environment overrides, the Go original's keys and plugin paths, and `smtpmux check` as a process.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BUNDLED_SELECTORS, ConfigError, parseConfig, type Config } from '../src/config/load';
@@ -14,6 +14,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 function write(name: string, text: string): string {
   const file = path.join(dir, name);
+  mkdirSync(path.dirname(file), { recursive: true });
   writeFileSync(file, text);
   return file;
 }
@@ -165,6 +166,21 @@ describe('config', () => {
     expect(config.warnings).toEqual([expect.stringMatching(/users\[0\]\.selector_algo_path: .*Go plugin.*round-robin\.js/)]);
     const so = GOOD.replace('selector: round-robin.js', 'selector_algo_path: plugins/roundrobin.so');
     expect((await parseConfig(so, write('go-plugin-so.yaml', so), {})).users[0].selectorPath).toBe(path.join(BUNDLED_SELECTORS, 'round-robin.js'));
+  });
+
+  test('a Go plugin or Starlark file still on disk where the original kept it maps to the bundled selector, and a file that is not JavaScript is refused by name', async () => {
+    write('plugins/round_robin/round-robin-plugin', '\x7fELF\x02\x01\x01\0binary');
+    write('round_robin.star', 'def selector(downstreams):\n    return None\n');
+    for (const given of ['./plugins/round_robin/round-robin-plugin', 'round_robin.star']) {
+      const text = GOOD.replace('selector: round-robin.js', `selector_algo_path: ${given}`);
+      const config = await parseConfig(text, write('in-place.yaml', text), {});
+      expect(config.users[0].selectorPath).toBe(path.join(BUNDLED_SELECTORS, 'round-robin.js'));
+      expect(config.warnings).toEqual([expect.stringMatching(/Go plugin or Starlark script/)]);
+    }
+    write('router.star', 'def selector(downstreams):\n    return None\n');
+    const text = GOOD.replace('selector: round-robin.js', 'selector: router.star');
+    const file = write('not-js.yaml', text);
+    await expect(parseConfig(text, file, {})).rejects.toThrow(/users\[0\]\.selector: .*router\.star is not a JavaScript file/);
   });
 
   test('smtpmux check reports a selector with a syntax error as file:line:col and exits non-zero', async () => {

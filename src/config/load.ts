@@ -101,24 +101,30 @@ async function isReadableFile(file: string): Promise<boolean> {
   }
 }
 
+const JS_FILE = /\.(m?js|cjs)$/i;
+
 /**
  * Finds a selector by the name the config gives: relative to the config's folder, then in selectors/ beside
- * it, then in the bundled library; ".js" may be left off. A Go plugin path of the original
- * (./plugins/round_robin/round-robin-plugin) maps onto the bundled selector of the same strategy.
+ * it, then in the bundled library; ".js" may be left off. The original's Go plugins and Starlark scripts
+ * (./plugins/round_robin/round-robin-plugin, round_robin.star) map onto the bundled selector of the same
+ * strategy, whether or not the old file is still there; any other file that is not JavaScript is refused.
  */
-export async function resolveSelector(given: string, configDir: string): Promise<{ file?: string; legacy?: boolean }> {
-  const names = given.endsWith('.js') || given.endsWith('.mjs') ? [given] : [given, `${given}.js`];
+export async function resolveSelector(given: string, configDir: string): Promise<{ file?: string; legacy?: boolean; notJs?: string }> {
+  const names = JS_FILE.test(given) ? [given] : [`${given}.js`, given];
   const dirs = [configDir, path.join(configDir, 'selectors'), BUNDLED_SELECTORS];
+  let notJs: string | undefined;
   for (const dir of dirs) {
     for (const name of names) {
       const candidate = path.resolve(dir, name);
       if (path.isAbsolute(name) && dir !== configDir) continue;
-      if (await isReadableFile(candidate)) return { file: candidate };
+      if (!(await isReadableFile(candidate))) continue;
+      if (JS_FILE.test(candidate)) return { file: candidate };
+      notJs ??= candidate;
     }
   }
-  const legacy = /round[-_]?robin/i.test(given) ? 'round-robin.js' : /waterfall|failover/i.test(given) ? 'waterfall.js' : undefined;
-  if (legacy && !/\.m?js$/.test(given)) return { file: path.join(BUNDLED_SELECTORS, legacy), legacy: true };
-  return {};
+  const strategy = /round[-_]?robin/i.test(given) ? 'round-robin.js' : /waterfall|failover/i.test(given) ? 'waterfall.js' : undefined;
+  if (strategy && !JS_FILE.test(given)) return { file: path.join(BUNDLED_SELECTORS, strategy), legacy: true };
+  return notJs ? { notJs } : {};
 }
 
 function splitAddr(addr: string): { host: string; port: number } {
@@ -161,6 +167,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
     if (typeof given !== 'string' || given === '') continue; // the schema reports it
     const found = await resolveSelector(given, configDir);
     if (found.file) selectors[i] = { file: found.file, legacy: found.legacy, given, key };
+    else if (found.notJs) problems.push(`${shown}:users[${i}].${key}: ${found.notJs} is not a JavaScript file; selectors are .js files (see the bundled selectors/)${lineOf(['users', i, key])}`);
     else problems.push(`${shown}:users[${i}].${key}: selector "${given}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
   }
   if (!parsed.success || problems.length > 0) throw new ConfigError(shown, problems);
@@ -171,7 +178,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
   for (const [i, user] of data.users.entries()) {
     const found = selectors[i];
     const { given, key } = found;
-    if (found.legacy) warnings.push(`users[${i}].${key}: "${given}" is a Go plugin of the original; using the bundled ${path.basename(found.file)}`);
+    if (found.legacy) warnings.push(`users[${i}].${key}: "${given}" is a Go plugin or Starlark script of the original; using the bundled ${path.basename(found.file)}`);
     users.push(
       Object.freeze({
         email: user.email,
