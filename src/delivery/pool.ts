@@ -2,7 +2,6 @@
 // identified by its connection settings (`poolKey`), so a reload that leaves a downstream's
 // settings alone keeps its open connections.
 import { createHash } from 'node:crypto';
-import type { Readable } from 'node:stream';
 import nodemailer from 'nodemailer';
 import type { DownstreamConfig } from '../config/load';
 import { classifyFailure, type AttemptFailure } from './classify';
@@ -57,33 +56,34 @@ export class DownstreamPool {
       auth: ds.user !== undefined ? { user: ds.user, pass: ds.pass } : undefined,
       name: settings.hostname,
       maxConnections: settings.maxConnections,
-      // The body is a one-shot stream per attempt: nodemailer must not resend it on another
-      // connection by itself; failover is ours to decide.
-      maxRequeues: 0,
+      // nodemailer requeues a message only when its connection was found dead before a byte of it was
+      // sent (a pooled connection the server dropped while idle); once bytes went out, the failure is
+      // ours to handle (failover, never a silent resend). One retry on a fresh connection is enough.
+      maxRequeues: 1,
       connectionTimeout: settings.connectTimeoutMs,
       greetingTimeout: settings.connectTimeoutMs,
       socketTimeout: settings.socketTimeoutMs,
-      disableFileAccess: true,
+      // File access is how a spilled body is read afresh on a requeue ({ path } below); the only paths
+      // nodemailer ever sees are our own temp files, never anything a client or a selector supplied.
+      disableFileAccess: false,
       disableUrlAccess: true,
       logger: false,
     });
   }
 
   /** Sends the raw message unchanged with the given envelope; never rejects. */
-  async send(envelope: Envelope, raw: Buffer | Readable): Promise<AttemptResult> {
+  async send(envelope: Envelope, raw: Buffer | { readonly path: string }): Promise<AttemptResult> {
     try {
       const info = await this.transport.sendMail({
         // use8BitMime and size reach MAIL FROM (BODY=8BITMIME, SIZE=) though nodemailer's type omits them.
         envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
-        raw,
+        raw: raw as Buffer | { path: string },
       });
       const response = String(info.response ?? '');
       const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
       return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
     } catch (err) {
       return { ok: false, ...classifyFailure(err) };
-    } finally {
-      if (!Buffer.isBuffer(raw)) raw.destroy();
     }
   }
 

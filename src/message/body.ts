@@ -2,7 +2,7 @@
 // Buffer; past the spill threshold the bytes go to a private temp file, so many large concurrent
 // messages do not fill the heap. Each attempt reads a fresh stream of the same bytes. The header block
 // is kept aside (bounded) so the selector can be told the subject.
-import { createReadStream, createWriteStream, promises as fs, type WriteStream } from 'node:fs';
+import { createWriteStream, promises as fs, type WriteStream } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable, type Readable } from 'node:stream';
@@ -120,10 +120,12 @@ export class MessageBody {
     return this.size > limit;
   }
 
-  /** A fresh copy of the bytes for one delivery attempt. */
-  open(): Buffer | Readable {
-    if (this.memory) return this.memory;
-    return createReadStream(this.file as string);
+  /**
+   * The bytes for one delivery attempt: the Buffer, or the temp file's path, which nodemailer opens
+   * afresh for every read (so a requeued attempt reads the whole body again).
+   */
+  open(): Buffer | { readonly path: string } {
+    return this.memory ?? { path: this.file as string };
   }
 
   get spilled(): boolean {
