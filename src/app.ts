@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
 import { loadConfig, ConfigError, type Env } from './config/load';
+import { SmtpMuxError } from './errors';
 import { createLogger, type Logger } from './observe/logger';
 import { Runtime, RuntimeBuildError } from './runtime';
 import { createInboundServer } from './smtp/server';
@@ -138,7 +139,7 @@ export class App {
     const deadline = Date.now() + (this.options.shutdownGraceMs ?? 30_000);
     while ([...this.live].some((r) => r.busy) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
     for (const connection of this.server.connections) {
-      connection.send(421, '4.3.2 SMTP Mux is shutting down; please try again later');
+      connection.send(421, new SmtpMuxError('SMTPMUX_SHUTTING_DOWN').message);
       connection.close();
     }
     await serverClosed;

@@ -89,7 +89,8 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
       try {
         body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir });
       } catch (err) {
-        logger.error({ msgId: id, err: (err as Error).message }, 'message could not be received');
+        // Mostly a client that went away mid-DATA: worth a line, not an alarm.
+        logger.warn({ msgId: id, err: (err as Error).message }, 'message could not be received');
         throw new SmtpMuxError('SMTPMUX_RECEIVE_FAILED', `message id ${id}`);
       }
       // Our own count, against this transaction's Runtime: smtp-server's flag may use a limit from before a reload.
@@ -97,7 +98,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
         logger.warn({ msgId: id, size: body.size, limit }, 'message too big');
         throw new SmtpMuxError('SMTPMUX_MESSAGE_TOO_BIG', `limit ${limit} bytes`);
       }
-      if (deps.closing()) throw new SmtpMuxError('SMTPMUX_SHUTTING_DOWN');
+      // (A message whose DATA began before shutdown is in flight: it is delivered, not turned away.)
       const user = runtime.user(String(session.user ?? ''));
       if (!user) throw new SmtpMuxError('SMTPMUX_USER_GONE');
 
