@@ -78,14 +78,6 @@ export class App {
     return (this.server.server.address() as AddressInfo).port;
   }
 
-  get host(): string {
-    return this.current.config.listen.host;
-  }
-
-  get runtime(): Runtime {
-    return this.current;
-  }
-
   /**
    * Builds a new Runtime from the config file and swaps it in. A failure changes nothing: the last good
    * Runtime keeps serving and the log says what is wrong. Reloads never overlap.

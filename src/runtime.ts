@@ -13,7 +13,6 @@ import type { DownstreamView } from './selector/types';
 
 export interface UserRuntime {
   readonly email: string;
-  readonly selectorFile: string;
   /** The selector's path as logs show it: relative to the working folder when inside it. */
   readonly selectorLabel: string;
   readonly selector: SelectorSandbox;
@@ -135,7 +134,7 @@ export class Runtime {
       const selector = await sandboxFor(user);
       const entries: DeliveryTarget[] = user.downstreams.map((ds) => {
         const key = poolKey(ds, settings);
-        const pool = pools.get(key) ?? previous?.pools.get(key) ?? new DownstreamPool(key, ds, settings);
+        const pool = pools.get(key) ?? previous?.pools.get(key) ?? new DownstreamPool(ds, settings);
         pools.set(key, pool);
         const view: DownstreamView = Object.freeze({ name: ds.name, addr: ds.addr, host: ds.host, port: ds.port, tls: ds.tls, tags: ds.tags, weight: ds.weight });
         return { view, pool };
@@ -146,7 +145,6 @@ export class Runtime {
       if (selector) {
         users.set(user.email.toLowerCase(), {
           email: user.email,
-          selectorFile: user.selectorPath,
           selectorLabel: path.relative(process.cwd(), user.selectorPath) || user.selectorPath,
           selector,
           downstreams: Object.freeze(views),

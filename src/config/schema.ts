@@ -102,5 +102,4 @@ export const configSchema = z
     });
   });
 
-export type ConfigFile = z.infer<typeof configSchema>;
 export type TlsMode = (typeof TLS_MODES)[number];

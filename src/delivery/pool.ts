@@ -38,11 +38,7 @@ function isLoopback(host: string): boolean {
 export class DownstreamPool {
   private readonly transport;
 
-  constructor(
-    readonly key: string,
-    ds: DownstreamConfig,
-    settings: PoolSettings,
-  ) {
+  constructor(ds: DownstreamConfig, settings: PoolSettings) {
     this.transport = nodemailer.createTransport({
       pool: true,
       host: ds.host,
