@@ -106,7 +106,7 @@ export class App {
       // smtp-server advertises SIZE and checks MAIL FROM's SIZE= from its options: keep them in step.
       (this.server.options as { size?: number }).size = config.maxMessageSize;
       this.live.add(runtime);
-      previous.retire(runtime);
+      previous.retire();
       this.forgetIdle();
       for (const warning of config.warnings) this.logger.warn({ config: config.file }, warning);
       if (changes.needsRestart.length > 0) this.logger.warn({ settings: changes.needsRestart }, 'these settings change only after a restart');
@@ -136,7 +136,7 @@ export class App {
     }
     await serverClosed;
     await this.reloading;
-    this.current.retire(null);
+    this.current.retire();
     this.logger.info('stopped');
   }
 

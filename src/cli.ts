@@ -118,7 +118,7 @@ async function check(config: string): Promise<number> {
   try {
     const loaded = await loadConfig(config);
     const { runtime } = await Runtime.build(loaded);
-    runtime.retire(null);
+    runtime.retire();
     for (const warning of loaded.warnings) console.log(`warning: ${warning}`);
     const downstreams = loaded.users.reduce((n, u) => n + u.downstreams.length, 0);
     console.log(`${loaded.file}: OK (${loaded.users.length} user(s), ${downstreams} downstream(s), ${runtime.sandboxes.size} selector(s) compiled)`);

@@ -66,7 +66,7 @@ function letGo(resource: DownstreamPool | SelectorSandbox): boolean {
 
 export class Runtime {
   private inFlight = 0;
-  private retiredFor: Runtime | null | undefined;
+  private retired = false;
   private released = false;
 
   private constructor(
@@ -188,25 +188,25 @@ export class Runtime {
       if (released) return;
       released = true;
       this.inFlight--;
-      if (this.inFlight === 0 && this.retiredFor !== undefined) this.closeLeftovers(this.retiredFor);
+      if (this.inFlight === 0 && this.retired) this.closeLeftovers();
     };
   }
 
   /**
-   * This Runtime is replaced by `next` (or shut down, when null). Once its last message is done it lets
-   * go of its pools and sandboxes; those no other Runtime holds (`next`, or an older one still finishing
-   * a message) are closed.
+   * This Runtime is replaced (or shut down). Once its last message is done it lets go of its pools and
+   * sandboxes; those no other Runtime holds (the next one, or an older one still finishing a message)
+   * are closed.
    */
-  retire(next: Runtime | null): void {
-    this.retiredFor = next;
-    if (this.inFlight === 0) this.closeLeftovers(next);
+  retire(): void {
+    this.retired = true;
+    if (this.inFlight === 0) this.closeLeftovers();
   }
 
   get busy(): boolean {
     return this.inFlight > 0;
   }
 
-  private closeLeftovers(_next: Runtime | null): void {
+  private closeLeftovers(): void {
     if (this.released) return;
     this.released = true;
     for (const pool of this.pools.values()) if (letGo(pool)) pool.close();

@@ -179,6 +179,6 @@ export async function runTry(argv: string[]): Promise<number> {
     }
     return failures === 0 ? 0 : 1;
   } finally {
-    runtime.retire(null);
+    runtime.retire();
   }
 }
