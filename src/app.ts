@@ -78,16 +78,16 @@ export class App {
     return (this.server.server.address() as AddressInfo).port;
   }
 
-  /**
-   * Builds a new Runtime from the config file and swaps it in. A failure changes nothing: the last good
-   * Runtime keeps serving and the log says what is wrong. Reloads never overlap.
-   */
   /** The config file and every selector the running and the last attempted config name. */
   watchedFiles(): string[] {
     const selectors = [...this.current.config.users.map((u) => u.selectorPath), ...this.attemptedSelectors];
     return [...new Set([path.resolve(this.options.configPath), ...selectors])].sort();
   }
 
+  /**
+   * Builds a new Runtime from the config file and swaps it in. A failure changes nothing: the last good
+   * Runtime keeps serving and the log says what is wrong. Reloads never overlap.
+   */
   reload(reason = 'requested'): Promise<ReloadResult> {
     const next = this.reloading.then(() => this.reloadNow(reason));
     this.reloading = next;
