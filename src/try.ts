@@ -116,8 +116,7 @@ export async function runTry(argv: string[]): Promise<number> {
       console.error(`smtpmux try: no user "${options.user}" in ${config.file} (users: ${runtime.userEmails.join(', ')})`);
       return 2;
     }
-    const known = new Set(user.targets.keys());
-    for (const name of options.fail.keys()) if (!known.has(name)) console.error(`warning: --fail ${name}: no such downstream for ${user.email}`);
+    for (const name of options.fail.keys()) if (!user.targets.has(name)) console.error(`warning: --fail ${name}: no such downstream for ${user.email}`);
     const selector = user.selectorLabel;
     if (!options.json) console.log(`selector ${selector} for ${user.email}; downstreams: ${user.downstreams.map((d) => d.name).join(', ')}`);
 
