@@ -60,6 +60,7 @@ export const SEND_CODES = {
   SMTPMUX_UNKNOWN_DOWNSTREAM: 'No downstream by that name is configured for this user',
   SMTPMUX_ALREADY_DELIVERED: 'This message was already delivered; it is not sent twice',
   SMTPMUX_SEND_LIMIT: 'Too many send() calls for one message',
+  SMTPMUX_RUN_OVER: 'The selector run for this message is over',
 } as const;
 
 export type SendCode = keyof typeof SEND_CODES;

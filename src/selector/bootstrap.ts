@@ -3,6 +3,11 @@
 // It talks to the host only through two References (hostSend, hostLog), fire-and-forget; results come
 // back through settle(), which the host calls with a plain copy. Promise rejections never cross.
 //
+// Several messages may be inside one isolate at once, and send() is a global: it finds the run that
+// called it from V8's async stack trace, where every run shows as a frame named __smtpmux_run_<id>
+// (await chains and awaited .then() chains both keep it). A call whose stack has lost that frame (a
+// promise chain nobody awaits) falls back to the run whose host callback is executing.
+//
 // The user's script runs after this and may replace any built-in (String, Array.prototype.map,
 // Object.prototype.then...). So everything here uses built-ins captured before that, returns records
 // without a prototype (a hooked `then` cannot intercept them), and bounds every string and list it
@@ -24,6 +29,9 @@ const isArray = Array.isArray;
 const apply = Reflect.apply;
 const toText = String;
 const stringify = JSON.stringify;
+const ErrorCtor = Error;
+const reExec = RegExp.prototype.exec;
+const RUN_FRAME = /__smtpmux_run_(\d+)/;
 const strSlice = String.prototype.slice;
 const isPrototypeOf = Object.prototype.isPrototypeOf;
 const applyIgnored = getPrototypeOf(hostSend).applyIgnored;
@@ -34,8 +42,19 @@ const rejected = (err) => new PromiseCtor((_resolve, reject) => reject(err));
 const pending = { __proto__: null };
 let nextId = 0;
 let selectFn;
-let logBudget = 0;
-let sendBudget = 0;
+/** Per run in progress: what it may still send and log. */
+const runs = { __proto__: null };
+/** The run whose host callback (invoke or settle) is executing now. */
+let entryRun = 0;
+
+function callerRun() {
+  const limit = ErrorCtor.stackTraceLimit;
+  ErrorCtor.stackTraceLimit = 100;
+  const stack = new ErrorCtor().stack;
+  ErrorCtor.stackTraceLimit = limit;
+  const found = typeof stack === 'string' ? apply(reExec, RUN_FRAME, [stack]) : null;
+  return found ? +found[1] : entryRun;
+}
 
 function cut(text, max) {
   return text.length > max ? apply(strSlice, text, [0, max]) : text;
@@ -71,14 +90,19 @@ function targetName(ds) {
 }
 
 function send(ds) {
+  const run = callerRun();
+  const state = runs[run];
+  if (!state) {
+    return rejected(new SendError({ code: 'SMTPMUX_RUN_OVER', downstream: null, permanent: false, message: 'The selector run for this message is over' }));
+  }
   // The cap is kept here, before anything crosses to the host: a script cannot flood the bridge.
-  if (sendBudget <= 0) {
+  if (state.sends <= 0) {
     return rejected(new SendError({ code: 'SMTPMUX_SEND_LIMIT', downstream: null, permanent: false, message: 'Too many send() calls for one message' }));
   }
-  sendBudget--;
+  state.sends--;
   const id = ++nextId;
-  const promise = new PromiseCtor((resolve, reject) => (pending[id] = { resolve, reject }));
-  apply(applyIgnored, hostSend, [undefined, [id, targetName(ds)]]);
+  const promise = new PromiseCtor((resolve, reject) => (pending[id] = { resolve, reject, run }));
+  apply(applyIgnored, hostSend, [undefined, [run, id, targetName(ds)]]);
   return promise;
 }
 
@@ -94,11 +118,13 @@ function show(value) {
 }
 
 function log(...args) {
-  if (logBudget <= 0) return;
-  logBudget--;
+  const run = callerRun();
+  const state = runs[run];
+  if (!state || state.logs <= 0) return;
+  state.logs--;
   let line = '';
   for (let i = 0; i < args.length && i < B.logArgs && line.length < B.text; i++) line += (i ? ' ' : '') + show(args[i]);
-  apply(applyIgnored, hostLog, [undefined, [cut(line, B.text)]]);
+  apply(applyIgnored, hostLog, [undefined, [run, cut(line, B.text)]]);
 }
 
 function deepFreeze(value) {
@@ -114,6 +140,7 @@ function settle(id, record) {
   const entry = pending[id];
   if (!entry) return;
   delete pending[id];
+  entryRun = entry.run;
   if (record.ok) entry.resolve(deepFreeze(record));
   else entry.reject(new SendError(record));
 }
@@ -157,9 +184,9 @@ function normalize(result, names) {
   return { __proto__: null, kind: 'order', targets };
 }
 
-async function invoke(message, downstreams, logLimit, sendLimit) {
-  logBudget = logLimit;
-  sendBudget = sendLimit;
+async function invoke(run, message, downstreams, logLimit, sendLimit) {
+  runs[run] = { __proto__: null, sends: sendLimit, logs: logLimit };
+  entryRun = run;
   deepFreeze(message);
   deepFreeze(downstreams);
   const names = { __proto__: null };
@@ -167,13 +194,23 @@ async function invoke(message, downstreams, logLimit, sendLimit) {
     names[downstreams[i].name] = true;
     names[downstreams[i].addr] = true;
   }
+  // The frame send() looks for on the stack: named after this run.
+  const name = '__smtpmux_run_' + run;
+  const runner = {
+    async [name]() {
+      // Only a native promise is awaited, and the value comes back boxed: awaiting or returning any
+      // other object from an async function would call its (maybe hooked) then().
+      const out = selectFn(message, downstreams);
+      const value = out !== null && typeof out === 'object' && apply(isPrototypeOf, PromisePrototype, [out]) ? await out : out;
+      return { __proto__: null, value };
+    },
+  }[name];
   try {
-    // Only a native promise is awaited: awaiting any other object would call its (maybe hooked) then().
-    const out = selectFn(message, downstreams);
-    const result = out !== null && typeof out === 'object' && apply(isPrototypeOf, PromisePrototype, [out]) ? await out : out;
-    return normalize(result, names);
+    return normalize((await runner()).value, names);
   } catch (err) {
     return errorRecord(err);
+  } finally {
+    delete runs[run];
   }
 }
 

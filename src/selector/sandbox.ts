@@ -1,8 +1,8 @@
 // One selector script in one isolated-vm isolate: load, run per message, and the host's limits.
 // The isolate is created at load and reused so module state (a round-robin counter) lives across
-// messages; a run that overruns its deadline or memory disposes it, and the next run gets a fresh one
-// built from the same source. Runs of one sandbox are serialized: send() is a global, and without
-// async context a global cannot tell which of two interleaved runs called it.
+// messages, and several messages may be inside it at once. A run that overruns its deadline or memory
+// disposes it: the other messages inside it at that moment end as if their script failed (250 if
+// already delivered, else 451), and the next run gets a fresh isolate built from the same source.
 import { promises as fs } from 'node:fs';
 import ivm from 'isolated-vm';
 import { BOOTSTRAP_SOURCE, BOUNDS } from './bootstrap';
@@ -32,7 +32,7 @@ export class SelectorLoadError extends Error {
 interface Instance {
   readonly isolate: ivm.Isolate;
   readonly settle: ivm.Reference<(id: number, record: SendRecord) => void>;
-  readonly invoke: ivm.Reference<(message: MessageSummary, downstreams: DownstreamView[], logLines: number, maxSends: number) => Promise<unknown>>;
+  readonly invoke: ivm.Reference<(run: number, message: MessageSummary, downstreams: DownstreamView[], logLines: number, maxSends: number) => Promise<unknown>>;
 }
 
 interface ActiveRun {
@@ -49,8 +49,9 @@ const MODULE_SYNTAX = /Cannot use import statement outside a module|Unexpected t
 
 export class SelectorSandbox {
   private instance: Promise<Instance> | undefined;
-  private queue: Promise<unknown> = Promise.resolve();
-  private active: ActiveRun | undefined;
+  /** Runs in progress, by the id the isolate knows them by. */
+  private readonly active = new Map<number, ActiveRun>();
+  private lastRunId = 0;
   private closed = false;
 
   private constructor(
@@ -79,12 +80,10 @@ export class SelectorSandbox {
 
   /** Runs select(message, downstreams) once; never rejects. */
   run(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
-    const outcome = this.queue.then(() => this.execute(message, downstreams, host));
-    this.queue = outcome;
-    return outcome;
+    return this.execute(message, downstreams, host);
   }
 
-  /** Disposes the isolate; runs still queued end as 'unavailable'. */
+  /** Disposes the isolate; runs still inside it end as 'unavailable'. */
   dispose(): void {
     this.closed = true;
     const current = this.instance;
@@ -118,22 +117,23 @@ export class SelectorSandbox {
         return true;
       },
     };
-    this.active = run;
+    const runId = ++this.lastRunId;
+    this.active.set(runId, run);
     // isolated-vm's own timeout does not reach code that runs after an await: the host's clock does.
     const timer = setTimeout(() => this.kill(run, 'timeout', `the selector did not finish within ${timeoutMs} ms`), timeoutMs);
     instance.invoke
-      .apply(undefined, [message, downstreams as DownstreamView[], this.limits.logLines ?? 50, (this.limits.maxSends ?? 5) + 1], {
+      .apply(undefined, [runId, message, downstreams as DownstreamView[], this.limits.logLines ?? 50, (this.limits.maxSends ?? 5) + 1], {
         arguments: { copy: true },
         result: { promise: true, copy: true },
         timeout: timeoutMs,
       })
       .then(
         (record: unknown) => run.complete(this.outcomeOf(record)),
-        (err: Error) => this.kill(run, ...this.faultOf(instance, err)),
+        (err: Error) => this.kill(run, ...this.faultOf(run, err)),
       );
     const outcome = await finished;
     clearTimeout(timer);
-    if (this.active === run) this.active = undefined;
+    this.active.delete(runId);
     return outcome;
   }
 
@@ -148,11 +148,17 @@ export class SelectorSandbox {
     disposeIsolate(run.instance.isolate);
   }
 
-  private faultOf(instance: Instance, err: Error): ['timeout' | 'memory' | 'threw' | 'unavailable', string] {
+  private faultOf(run: ActiveRun, err: Error): ['timeout' | 'memory' | 'threw' | 'unavailable', string] {
     const message = String(err?.message ?? err);
     if (this.closed) return ['unavailable', 'the selector was unloaded while it ran'];
     if (/memory limit/i.test(message)) return ['memory', `the selector went over its memory limit of ${this.limits.memoryMb} MB`];
-    if (/timed out/i.test(message) || instance.isolate.isDisposed) return ['timeout', `the selector did not finish within ${this.limits.timeoutMs} ms`];
+    if (/timed out/i.test(message)) return ['timeout', `the selector did not finish within ${this.limits.timeoutMs} ms`];
+    if (run.instance.isolate.isDisposed) {
+      // Killed for another message's overrun, while this one was inside the same isolate.
+      return Date.now() < run.deadline
+        ? ['unavailable', 'the selector was stopped because another message in it broke a limit']
+        : ['timeout', `the selector did not finish within ${this.limits.timeoutMs} ms`];
+    }
     return ['threw', message];
   }
 
@@ -189,8 +195,8 @@ export class SelectorSandbox {
   }
 
   /** The host side of send(): performs the attempt, then hands the record back into the isolate. */
-  private onSend(instance: Instance, id: number, target: unknown): void {
-    const run = this.active;
+  private onSend(instance: Instance, runId: number, id: number, target: unknown): void {
+    const run = this.active.get(runId);
     if (!run || run.over || run.instance !== instance) return;
     // The isolate lets one call past the cap cross (the host refuses it and logs the limit) and refuses
     // the rest itself; this guards the host if that were ever bypassed.
@@ -202,7 +208,7 @@ export class SelectorSandbox {
       if (run.over) return;
       const timeout = Math.max(1, run.deadline - Date.now());
       // The continuation after `await send()` runs inside this apply, so its timeout bounds that code too.
-      instance.settle.apply(undefined, [id, record], { arguments: { copy: true }, timeout }).catch((err: Error) => this.kill(run, ...this.faultOf(instance, err)));
+      instance.settle.apply(undefined, [id, record], { arguments: { copy: true }, timeout }).catch((err: Error) => this.kill(run, ...this.faultOf(run, err)));
     });
   }
 
@@ -211,9 +217,9 @@ export class SelectorSandbox {
     try {
       const context = await isolate.createContext();
       let instance: Instance | undefined;
-      const hostSend = new ivm.Reference((id: number, target: unknown) => instance && this.onSend(instance, id, target));
-      const hostLog = new ivm.Reference((text: unknown) => {
-        const run = this.active;
+      const hostSend = new ivm.Reference((runId: number, id: number, target: unknown) => instance && this.onSend(instance, runId, id, target));
+      const hostLog = new ivm.Reference((runId: number, text: unknown) => {
+        const run = this.active.get(runId);
         if (run && run.instance === instance && typeof text === 'string') run.host.log(text.slice(0, BOUNDS.text));
       });
       const api = await context.evalClosure(BOOTSTRAP_SOURCE, [hostSend, hostLog], { result: { reference: true } });
