@@ -60,10 +60,9 @@ async function main(): Promise<number> {
 
 /** Prints a start-up failure the way a person wants to read it: each problem on its own line. */
 function reportFailure(err: unknown): number {
-  const { ConfigError } = require('./config/load') as typeof import('./config/load');
-  const { RuntimeBuildError } = require('./runtime') as typeof import('./runtime');
-  if (err instanceof ConfigError) console.error(`smtpmux: the config has ${err.problems.length} problem(s):\n${err.problems.map((p) => `  ${p}`).join('\n')}`);
-  else if (err instanceof RuntimeBuildError) console.error(`smtpmux: ${err.failures.length} selector(s) failed to load:\n${err.failures.map((f) => `  ${f.message}`).join('\n')}`);
+  const { describeLoadFailure } = require('./runtime') as typeof import('./runtime');
+  const loadFailure = describeLoadFailure(err);
+  if (loadFailure) console.error(`smtpmux: ${loadFailure}`);
   else if ((err as NodeJS.ErrnoException)?.code === 'EADDRINUSE') console.error(`smtpmux: the SMTP port is already in use (${(err as Error).message})`);
   else console.error(`smtpmux: ${(err as Error)?.stack ?? err}`);
   return 1;

@@ -5,7 +5,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import type { Config, UserConfig } from './config/load';
+import { ConfigError, type Config, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/transaction';
 import { SelectorLoadError, SelectorSandbox } from './selector/sandbox';
@@ -41,6 +41,13 @@ export class RuntimeBuildError extends Error {
     super(failures.map((f) => f.message).join('\n'));
     this.name = 'RuntimeBuildError';
   }
+}
+
+/** How the command line shows a config or selectors that cannot load, a problem a line; undefined for any other error. */
+export function describeLoadFailure(err: unknown): string | undefined {
+  if (err instanceof ConfigError) return `the config has ${err.problems.length} problem(s):\n${err.problems.map((p) => `  ${p}`).join('\n')}`;
+  if (err instanceof RuntimeBuildError) return `${err.failures.length} selector(s) failed to load:\n${err.failures.map((f) => `  ${f.message}`).join('\n')}`;
+  return undefined;
 }
 
 const digest = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest();

@@ -2,12 +2,12 @@
 // order it returned, or each send() it made — with simulated outcomes. Nothing is delivered unless
 // --deliver is given, and then it goes through the real route, downstream pools included.
 import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig, type Config } from './config/load';
+import { loadConfig, type Config } from './config/load';
 import { Delivery } from './delivery/transaction';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
 import { routeMessage } from './route';
-import { Runtime, RuntimeBuildError } from './runtime';
+import { describeLoadFailure, Runtime } from './runtime';
 import { newMessageId } from './smtp/server';
 import type { MessageSummary } from './selector/types';
 import type { AttemptResult } from './delivery/pool';
@@ -105,9 +105,9 @@ export async function runTry(argv: string[]): Promise<number> {
     ({ runtime } = await Runtime.build(config));
   } catch (err) {
     // What is wrong, each problem on its own line with its file:line:col, as `smtpmux check` prints it.
-    if (err instanceof ConfigError) console.error(`smtpmux try: the config has ${err.problems.length} problem(s):\n${err.problems.map((p) => `  ${p}`).join('\n')}`);
-    else if (err instanceof RuntimeBuildError) console.error(`smtpmux try: ${err.failures.length} selector(s) failed to load:\n${err.failures.map((f) => `  ${f.message}`).join('\n')}`);
-    else throw err;
+    const loadFailure = describeLoadFailure(err);
+    if (!loadFailure) throw err;
+    console.error(`smtpmux try: ${loadFailure}`);
     return 1;
   }
   try {
