@@ -78,11 +78,6 @@ export class SelectorSandbox {
     return sandbox;
   }
 
-  /** Runs select(message, downstreams) once; never rejects. */
-  run(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
-    return this.execute(message, downstreams, host);
-  }
-
   /** Disposes the isolate; runs still inside it end as 'unavailable'. */
   dispose(): void {
     this.closed = true;
@@ -91,7 +86,8 @@ export class SelectorSandbox {
     current?.then((inst) => disposeIsolate(inst.isolate), () => undefined);
   }
 
-  private async execute(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
+  /** Runs select(message, downstreams) once; never rejects. */
+  async run(message: MessageSummary, downstreams: readonly DownstreamView[], host: RunHost): Promise<SelectorOutcome> {
     if (this.closed) return { kind: 'fault', fault: 'unavailable', detail: 'the selector was unloaded' };
     let instance: Instance;
     try {
