@@ -53,12 +53,16 @@ export class SelectorSandbox {
   private readonly active = new Map<number, ActiveRun>();
   private lastRunId = 0;
   private closed = false;
+  /** send() calls that may cross to the host per run: the limit, plus one so the host can refuse it and log why. */
+  private readonly sendsPerRun: number;
 
   private constructor(
     readonly file: string,
     readonly source: string,
     readonly limits: SandboxLimits,
-  ) {}
+  ) {
+    this.sendsPerRun = (limits.maxSends ?? 5) + 1;
+  }
 
   /** Reads and compiles a selector; throws SelectorLoadError naming file, line and column. */
   static async load(file: string, limits: SandboxLimits): Promise<SelectorSandbox> {
@@ -118,7 +122,7 @@ export class SelectorSandbox {
     // isolated-vm's own timeout does not reach code that runs after an await: the host's clock does.
     const timer = setTimeout(() => this.kill(run, 'timeout', `the selector did not finish within ${timeoutMs} ms`), timeoutMs);
     instance.invoke
-      .apply(undefined, [runId, message, downstreams as DownstreamView[], this.limits.logLines ?? 50, (this.limits.maxSends ?? 5) + 1], {
+      .apply(undefined, [runId, message, downstreams as DownstreamView[], this.limits.logLines ?? 50, this.sendsPerRun], {
         arguments: { copy: true },
         result: { promise: true, copy: true },
         timeout: timeoutMs,
@@ -196,7 +200,7 @@ export class SelectorSandbox {
     if (!run || run.over || run.instance !== instance) return;
     // The isolate lets one call past the cap cross (the host refuses it and logs the limit) and refuses
     // the rest itself; this guards the host if that were ever bypassed.
-    if (++run.sends > (this.limits.maxSends ?? 5) + 1) return;
+    if (++run.sends > this.sendsPerRun) return;
     const sent = run.host.send(typeof target === 'string' ? target : null).catch(
       (err: Error): SendRecord => ({ ok: false, downstream: null, code: 'EUNKNOWN', permanent: false, message: String(err?.message ?? err), ms: 0 }),
     );
