@@ -51,8 +51,6 @@ function pick(candidates, current) {
 function select(message, downstreams) {
   if (downstreams.length === 0) return 'no downstream is configured';
   const candidates = downstreams.filter((ds) => ds.weight > 0);
-  // Failover order: heaviest first; sort() is stable, so equal weights keep config order; weight 0 ends up last.
-  const byWeight = [...downstreams].sort((a, b) => b.weight - a.weight);
   if (candidates.length === 0) return [...downstreams]; // every weight is 0: config order
 
   const key = downstreams.map((ds) => `${ds.name}=${ds.weight}`).join('\n');
@@ -60,5 +58,7 @@ function select(message, downstreams) {
   if (!current) scores.set(key, (current = new Map()));
 
   const first = pick(candidates, current);
+  // Failover order: heaviest first; sort() is stable, so equal weights keep config order; weight 0 ends up last.
+  const byWeight = [...downstreams].sort((a, b) => b.weight - a.weight);
   return [first, ...byWeight.filter((ds) => ds !== first)];
 }
