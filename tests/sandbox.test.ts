@@ -298,7 +298,7 @@ describe('isolation between users and between messages', () => {
     const [loopResults, fineResults] = [await Promise.all(looping), await Promise.all(fine)];
     for (const r of loopResults) expect(r).toMatchObject({ ok: false, code: 451 });
     for (const r of fineResults) expect(r).toMatchObject({ ok: true, code: 250 });
-    // The looper's runs are serialized, one second each: the round-robin user finished well before.
+    // The looper's messages end only at its one-second deadline: the round-robin user finished before them.
     expect(Math.max(...fineResults.map((r) => r.at))).toBeLessThan(Math.max(...loopResults.map((r) => r.at)));
     expect(Math.max(...fineResults.map((r) => r.at))).toBeLessThan(2500);
     expect(rr1.received.length + rr2.received.length).toBe(6);
