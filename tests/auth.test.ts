@@ -4,6 +4,7 @@ import { startDownstream, type Downstream } from './support/downstream';
 import { configFor, startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, swaks } from './support/clients';
 import { connectRaw, plainAuth } from './support/raw';
+import { AUTH_FAILURE_DELAY_MS } from '../src/smtp/server';
 
 const EXTRA = `max_message_size: 200KB
 limits:
@@ -41,6 +42,21 @@ describe('inbound authentication and limits', () => {
       const reply = await smtp.command(`AUTH PLAIN ${plainAuth('nobody@user.com', 'password123')}`);
       expect(reply.code).toBe(535);
       expect(reply.text).toMatch(/^535 5\.7\.8 /);
+    } finally {
+      smtp.close();
+    }
+  });
+
+  test('a failed login is answered only after a pause, which slows password guessing; a good one is answered at once', async () => {
+    const smtp = await connectRaw(proxy.port);
+    try {
+      await smtp.command('EHLO client.example');
+      let started = Date.now();
+      expect((await smtp.command(`AUTH PLAIN ${plainAuth('test@user.com', 'guess-1')}`)).code).toBe(535);
+      expect(Date.now() - started).toBeGreaterThanOrEqual(AUTH_FAILURE_DELAY_MS - 50);
+      started = Date.now();
+      expect((await smtp.command(`AUTH PLAIN ${plainAuth('test@user.com', 'password123')}`)).code).toBe(235);
+      expect(Date.now() - started).toBeLessThan(AUTH_FAILURE_DELAY_MS);
     } finally {
       smtp.close();
     }

@@ -20,6 +20,9 @@ export interface InboundDeps {
   readonly tmpDir?: string;
 }
 
+/** How long a failed login waits for its 535. */
+export const AUTH_FAILURE_DELAY_MS = 1000;
+
 /** Random once per process, so ids from two instances (or a restart within a millisecond) differ. */
 const INSTANCE = randomBytes(3).toString('hex');
 let sequence = 0;
@@ -56,7 +59,10 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
       const user = runtime.authenticate(username, auth.password ?? '');
       if (!user) {
         logger.warn({ login: username.slice(0, 200), remote: session.remoteAddress, method: auth.method }, 'authentication failed');
-        return callback(new SmtpMuxError('SMTPMUX_AUTH_FAILED'));
+        // A pause before the refusal makes guessing passwords slow, and smtp-server drops a connection
+        // after ten unauthenticated commands, so one connection cannot try many.
+        setTimeout(() => callback(new SmtpMuxError('SMTPMUX_AUTH_FAILED')), AUTH_FAILURE_DELAY_MS);
+        return;
       }
       callback(null, { user: user.email });
     },
