@@ -1,16 +1,40 @@
 // One message, one way through: selector run → delivery attempts → one verdict → one log line.
-import { Delivery } from './delivery/transaction';
+import { Delivery, type Verdict } from './delivery/transaction';
 import type { Envelope } from './delivery/pool';
 import type { MessageBody } from './message/body';
 import type { Logger } from './observe/logger';
 import type { Runtime, UserRuntime } from './runtime';
-import type { MessageSummary, SelectorOutcome } from './selector/types';
+import type { MessageSummary, RunHost, SelectorOutcome } from './selector/types';
 import type { SmtpMuxError } from './errors';
 
 export interface Routed {
   /** null: delivered, answer 250. */
   readonly error: SmtpMuxError | null;
   readonly downstream?: string;
+}
+
+/**
+ * Runs the user's selector over one Delivery, tries the order it returned, and waits for every attempt
+ * before judging: the one sequence the proxy and `smtpmux try` share. Never rejects.
+ */
+export async function decide(
+  user: UserRuntime,
+  message: MessageSummary,
+  delivery: Delivery,
+  host: RunHost,
+): Promise<{ outcome: SelectorOutcome; verdict: Verdict }> {
+  let outcome: SelectorOutcome;
+  try {
+    outcome = await user.selector.run(message, user.downstreams, host);
+    if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
+  } catch (err) {
+    // Not expected (run() never rejects); whatever it was, the latch below still decides the reply.
+    outcome = { kind: 'fault', fault: 'threw', detail: `internal error: ${(err as Error)?.message ?? err}` };
+  } finally {
+    // A send() the script did not wait for may still deliver: the answer waits for every attempt.
+    await delivery.settled();
+  }
+  return { outcome, verdict: delivery.verdict(outcome) };
 }
 
 export async function routeMessage(
@@ -26,21 +50,10 @@ export async function routeMessage(
   const log = logger.child({ msgId: message.id, user: user.email });
   const delivery = new Delivery(body, envelope, user.targets, runtime.config.limits.maxSends);
 
-  let outcome: SelectorOutcome;
-  try {
-    outcome = await user.selector.run(message, user.downstreams, {
-      send: (target) => delivery.send(target),
-      log: (text) => log.info({ selector, scriptLog: true }, text),
-    });
-    if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
-  } catch (err) {
-    // Not expected (run() never rejects); whatever it was, the latch below still decides the reply.
-    outcome = { kind: 'fault', fault: 'threw', detail: `internal error: ${(err as Error)?.message ?? err}` };
-  } finally {
-    // A send() the script did not wait for may still deliver: the answer waits for every attempt.
-    await delivery.settled();
-  }
-  const verdict = delivery.verdict(outcome);
+  const { outcome, verdict } = await decide(user, message, delivery, {
+    send: (target) => delivery.send(target),
+    log: (text) => log.info({ selector, scriptLog: true }, text),
+  });
 
   const line = {
     from: envelope.from,

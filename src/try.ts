@@ -6,7 +6,7 @@ import { loadConfig, type Config } from './config/load';
 import { Delivery } from './delivery/transaction';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
-import { routeMessage } from './route';
+import { decide, routeMessage } from './route';
 import { describeLoadFailure, Runtime } from './runtime';
 import { newMessageId } from './smtp/server';
 import type { MessageSummary } from './selector/types';
@@ -121,6 +121,8 @@ export async function runTry(argv: string[]): Promise<number> {
     if (!options.json) console.log(`selector ${selector} for ${user.email}; downstreams: ${user.downstreams.map((d) => d.name).join(', ')}`);
 
     let failures = 0;
+    // --deliver goes through the proxy's route, which logs; only its warnings are worth showing here.
+    const deliverLog = createLogger({ level: 'warn' });
     for (let i = 1; i <= options.times; i++) {
       const message: MessageSummary = {
         id: newMessageId(),
@@ -135,7 +137,7 @@ export async function runTry(argv: string[]): Promise<number> {
         const raw = `From: <${options.from}>\r\nTo: ${options.to.map((t) => `<${t}>`).join(', ')}\r\nSubject: ${options.subject}\r\nMessage-ID: <${message.id}@smtpmux.try>\r\nDate: ${new Date().toUTCString()}\r\n\r\nA test message sent by smtpmux try.\r\n`;
         const body = await MessageBody.receive(Readable.from([Buffer.from(raw)]), { maxSize: config.maxMessageSize });
         const envelope = { from: options.from, to: options.to, use8BitMime: false, size: body.size };
-        const routed = await routeMessage(runtime, user, { ...message, size: body.size }, envelope, body, createLogger({ level: 'warn' }));
+        const routed = await routeMessage(runtime, user, { ...message, size: body.size }, envelope, body, deliverLog);
         await body.dispose();
         if (routed.error) failures++;
         console.log(routed.error ? `message ${i}: ${routed.error.responseCode} ${routed.error.message}` : `message ${i}: delivered via ${routed.downstream}`);
@@ -149,7 +151,7 @@ export async function runTry(argv: string[]): Promise<number> {
         [...user.targets].map(([key, target]) => [key, { view: target.view, pool: { send: async () => simulate(target.view.name, options.fail) } }]),
       );
       const delivery = new Delivery({ open: () => Buffer.alloc(0) }, { from: options.from, to: options.to, use8BitMime: false, size: options.size }, simulated, config.limits.maxSends);
-      const outcome = await user.selector.run(message, user.downstreams, {
+      const { outcome, verdict } = await decide(user, message, delivery, {
         send: async (target) => {
           const record = await delivery.send(target);
           sends.push(`send(${JSON.stringify(target)}) → ${record.ok ? `accepted by ${record.downstream}` : `${record.code}${record.responseCode ? ` ${record.responseCode}` : ''}${record.permanent ? ' (permanent)' : ' (temporary)'}`}`);
@@ -157,9 +159,6 @@ export async function runTry(argv: string[]): Promise<number> {
         },
         log: (text) => logs.push(text),
       });
-      if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
-      await delivery.settled();
-      const verdict = delivery.verdict(outcome);
       if (!verdict.delivered) failures++;
       const reply = verdict.error ? `${verdict.error.responseCode} ${verdict.error.message}` : `250 delivered via ${verdict.downstream} (simulated)`;
       if (options.json) {
