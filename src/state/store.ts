@@ -1,0 +1,87 @@
+// The host-side state that will outgrow one process: downstream health (cooldowns), rate and quota
+// windows, login-failure penalties and selectors' ctx.state. Every operation is one atomic step on any
+// backend (in memory: one synchronous block; on Redis: one Lua script), never read-modify-write across
+// calls, so a shared backend replaces the in-memory one without touching the code that uses it.
+// Callers build the keys (`ds:<name>`, `login:ip:<addr>`, `sel:<user>:<key>`); a backend may prefix them.
+
+/** What the last back-off signal of a downstream was: a code and the reply text, never credentials. */
+export interface LastError {
+  readonly code: string;
+  readonly response?: string;
+  readonly at: number;
+}
+
+export interface HealthSnapshot {
+  /** Consecutive failures since the last success. */
+  readonly failures: number;
+  /** Until when (ms since the epoch) the downstream is not to be contacted; null when up. */
+  readonly cooldownUntil: number | null;
+  readonly lastError: LastError | null;
+}
+
+export interface QuotaSnapshot {
+  /** What the rolling window holds now: accepted deliveries plus reservations in flight. */
+  readonly used: number;
+  /** When the oldest entry leaves the window (ms since the epoch); null when the window is empty. */
+  readonly resetsAt: number | null;
+}
+
+export type RateGrant =
+  /** A slot is reserved; use it after waiting `waitMs` (0: now). */
+  | { readonly ok: true; readonly waitMs: number }
+  /** No slot within the allowed wait; the next one frees in `retryInMs`. Nothing was reserved. */
+  | { readonly ok: false; readonly retryInMs: number };
+
+export interface QuotaGrant extends QuotaSnapshot {
+  /** True: `amount` is reserved under the id (and counted in `used`). False: it did not fit; nothing changed. */
+  readonly ok: boolean;
+}
+
+export interface StateStore {
+  /**
+   * Reserves one slot of a smooth rate of `limit` per `periodMs` (GCRA: slots are spaced periodMs/limit
+   * apart, with a burst of at most `limit`), if that slot is due within `maxWaitMs`.
+   */
+  acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number): Promise<RateGrant>;
+  /** Slots that could be taken right now without waiting (0..limit), for views. */
+  rateAvailable(key: string, limit: number, periodMs: number): Promise<number>;
+
+  /**
+   * Reserves `amount` under `id` in a rolling window of `windowMs` if used + amount <= limit. The
+   * reservation counts as used until released (the delivery failed) or until it leaves the window.
+   */
+  reserveQuota(key: string, id: string, amount: number, limit: number, windowMs: number): Promise<QuotaGrant>;
+  /** Gives back a reservation whose delivery was not accepted. Unknown ids are ignored. */
+  releaseQuota(key: string, id: string): Promise<void>;
+  quotaUsage(key: string, windowMs: number): Promise<QuotaSnapshot>;
+
+  /**
+   * Records a failure of a downstream. With `cooldown` (a back-off signal) the downstream cools for
+   * baseMs × 2^(signals in a row − 1), at most maxMs; without, only the failure count and last error change.
+   */
+  recordFailure(key: string, error: LastError, cooldown: { baseMs: number; maxMs: number } | null): Promise<HealthSnapshot>;
+  /** The first success clears failures and cooldown. */
+  recordSuccess(key: string): Promise<void>;
+  health(key: string): Promise<HealthSnapshot>;
+
+  /** Counts a failed login; the count expires `windowMs` after the last failure. Returns the new count. */
+  recordLoginFailure(key: string, windowMs: number): Promise<number>;
+  loginFailures(key: string): Promise<number>;
+  clearLoginFailures(key: string): Promise<void>;
+
+  /** ctx.state: values are JSON text, bounded by the caller. */
+  get(key: string): Promise<string | undefined>;
+  set(key: string, json: string, ttlMs?: number): Promise<void>;
+  /** Adds `by` to an integer (a missing key counts as 0) and returns the result; a non-integer value throws StateTypeError. */
+  incr(key: string, by: number, ttlMs?: number): Promise<number>;
+
+  close(): Promise<void>;
+}
+
+/** incr() on a value that is not an integer. */
+export class StateTypeError extends Error {
+  constructor(readonly key: string) {
+    super(`state value "${key}" is not an integer`);
+    this.name = 'StateTypeError';
+  }
+}
