@@ -1,11 +1,12 @@
 // One message, one way through: selector run → delivery attempts → one verdict → one log line.
-import { Delivery, type Verdict } from './delivery/transaction';
+import { Delivery } from './delivery/delivery';
 import type { Envelope } from './delivery/pool';
 import type { MessageBody } from './message/body';
 import type { Logger } from './observe/logger';
 import type { Runtime, UserRuntime } from './runtime';
 import type { MessageSummary, RunHost, SelectorOutcome } from './selector/types';
 import type { SmtpMuxError } from './errors';
+import { judge, type Verdict } from './verdict';
 
 export interface Routed {
   /** null: delivered, answer 250. */
@@ -34,7 +35,7 @@ export async function decide(
     // A send() the script did not wait for may still deliver: the answer waits for every attempt.
     await delivery.settled();
   }
-  return { outcome, verdict: delivery.verdict(outcome) };
+  return { outcome, verdict: judge(delivery, outcome) };
 }
 
 export async function routeMessage(
@@ -48,7 +49,7 @@ export async function routeMessage(
   const started = Date.now();
   const selector = user.selectorLabel;
   const log = logger.child({ msgId: message.id, user: user.email });
-  const delivery = new Delivery(body, envelope, user.targets, runtime.config.limits.maxSends);
+  const delivery = new Delivery(body, envelope, user.targets, { maxSends: runtime.config.limits.maxSends, attemptTimeoutMs: runtime.config.delivery.attemptTimeoutMs });
 
   const { outcome, verdict } = await decide(user, message, delivery, {
     send: (target) => delivery.send(target),

@@ -7,9 +7,14 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ConfigError, type Config, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
-import type { DeliveryTarget } from './delivery/transaction';
+import type { DeliveryTarget } from './delivery/delivery';
 import { SelectorLoadError, SelectorSandbox } from './selector/sandbox';
 import type { DownstreamView } from './selector/types';
+
+/** A downstream as the delivery uses it, with what a selector is told about it. */
+export interface UserTarget extends DeliveryTarget {
+  readonly view: DownstreamView;
+}
 
 export interface UserRuntime {
   readonly email: string;
@@ -18,7 +23,7 @@ export interface UserRuntime {
   readonly selector: SelectorSandbox;
   readonly downstreams: readonly DownstreamView[];
   /** By name and by addr. */
-  readonly targets: ReadonlyMap<string, DeliveryTarget>;
+  readonly targets: ReadonlyMap<string, UserTarget>;
   readonly passwordDigest: Buffer;
 }
 
@@ -139,16 +144,16 @@ export class Runtime {
     const users = new Map<string, UserRuntime>();
     for (const user of config.users) {
       const selector = await sandboxFor(user);
-      const entries: DeliveryTarget[] = user.downstreams.map((ds) => {
+      const entries: UserTarget[] = user.downstreams.map((ds) => {
         const key = poolKey(ds, settings);
         const pool = pools.get(key) ?? previous?.pools.get(key) ?? new DownstreamPool(ds, settings);
         pools.set(key, pool);
         const view: DownstreamView = Object.freeze({ name: ds.name, addr: ds.addr, host: ds.host, port: ds.port, tls: ds.tls, tags: ds.tags, weight: ds.weight });
-        return { view, pool };
+        return { name: ds.name, view, pool };
       });
       const views = entries.map((e) => e.view);
       // A downstream is found by addr or by name; names win where one's name is another's addr.
-      const targets = new Map<string, DeliveryTarget>([...entries.map((e) => [e.view.addr, e] as const), ...entries.map((e) => [e.view.name, e] as const)]);
+      const targets = new Map<string, UserTarget>([...entries.map((e) => [e.view.addr, e] as const), ...entries.map((e) => [e.view.name, e] as const)]);
       if (selector) {
         users.set(user.email.toLowerCase(), {
           email: user.email,

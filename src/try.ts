@@ -3,7 +3,7 @@
 // --deliver is given, and then it goes through the real route, downstream pools included.
 import { parseArgs } from 'node:util';
 import { loadConfig, type Config } from './config/load';
-import { Delivery } from './delivery/transaction';
+import { Delivery } from './delivery/delivery';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
 import { decide, routeMessage } from './route';
@@ -148,9 +148,12 @@ export async function runTry(argv: string[]): Promise<number> {
       // The same Delivery the proxy uses, so the latch and the send cap behave as they will for real,
       // with downstreams that answer as --fail says instead of over the network.
       const simulated = new Map(
-        [...user.targets].map(([key, target]) => [key, { view: target.view, pool: { send: async () => simulate(target.view.name, options.fail) } }]),
+        [...user.targets].map(([key, target]) => [key, { name: target.name, pool: { send: async () => simulate(target.name, options.fail) } }]),
       );
-      const delivery = new Delivery({ open: () => Buffer.alloc(0) }, { from: options.from, to: options.to, use8BitMime: false, size: options.size }, simulated, config.limits.maxSends);
+      const delivery = new Delivery({ open: () => Buffer.alloc(0) }, { from: options.from, to: options.to, use8BitMime: false, size: options.size }, simulated, {
+        maxSends: config.limits.maxSends,
+        attemptTimeoutMs: config.delivery.attemptTimeoutMs,
+      });
       const { outcome, verdict } = await decide(user, message, delivery, {
         send: async (target) => {
           const record = await delivery.send(target);

@@ -36,7 +36,7 @@ export interface Config {
   readonly allowInsecureAuth: boolean;
   readonly maxMessageSize: number;
   readonly limits: { readonly selectorTimeoutMs: number; readonly selectorMemoryMb: number; readonly maxSends: number };
-  readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly maxConnections: number };
+  readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly attemptTimeoutMs: number; readonly maxConnections: number };
   readonly users: readonly UserConfig[];
   /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
   readonly warnings: readonly string[];
@@ -218,6 +218,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
     delivery: Object.freeze({
       connectTimeoutMs: data.delivery.connect_timeout_ms,
       socketTimeoutMs: data.delivery.socket_timeout_ms,
+      attemptTimeoutMs: data.delivery.attempt_timeout_ms,
       maxConnections: data.delivery.max_connections,
     }),
     users: Object.freeze(users),

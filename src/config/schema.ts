@@ -86,10 +86,11 @@ export const configSchema = z
       .object({
         connect_timeout_ms: z.number().int().min(100).default(10_000),
         socket_timeout_ms: z.number().int().min(100).default(60_000),
+        attempt_timeout_ms: z.number().int().min(100).max(3_600_000).default(120_000),
         max_connections: z.number().int().min(1).max(100).default(5),
       })
       .strict()
-      .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, max_connections: 5 }),
+      .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, attempt_timeout_ms: 120_000, max_connections: 5 }),
     users: z.array(userSchema).min(1, 'list at least one user'),
   })
   .strict()

@@ -1,6 +1,9 @@
 // Turns a nodemailer failure into the facts we act on: temporary or permanent, with code and reply.
-// Connection-level failures and 4xx replies are temporary; 5xx replies are permanent (503 excepted,
-// as nodemailer's own isPermanentResponseCode says: a bad command sequence is worth retrying).
+// Only a refusal of the message itself is permanent: a 5xx to MAIL FROM, RCPT TO or DATA (nodemailer's
+// EENVELOPE / EMESSAGE; 503 excepted, as its isPermanentResponseCode says). A 5xx in the greeting, to
+// EHLO or to AUTH says something about the downstream (an IP block, a policy, our login), not about the
+// message: it is a temporary failure of that downstream, so the message fails over or is deferred, as
+// Postfix defers it, instead of bouncing.
 import { isPermanentResponseCode, type NodemailerError } from 'nodemailer/lib/errors';
 
 export interface AttemptFailure {
@@ -11,16 +14,14 @@ export interface AttemptFailure {
   readonly message: string;
 }
 
-/** Failures that say our own setup is wrong rather than the message: retrying later may help. */
-const CONFIG_CODES = new Set(['EAUTH', 'ENOAUTH', 'ETLS', 'EREQUIRETLS', 'ECONFIG']);
+/** Failures in the message's own transaction: only these can refuse the message permanently. */
+const MESSAGE_CODES = new Set(['EENVELOPE', 'EMESSAGE']);
 
 export function classifyFailure(err: unknown): AttemptFailure {
   const e = (err ?? {}) as NodemailerError;
   const code = typeof e.code === 'string' ? e.code : 'EUNKNOWN';
   const responseCode = typeof e.responseCode === 'number' ? e.responseCode : undefined;
-  // A rejected login or TLS problem is our configuration, not the message: the client should retry
-  // later (after someone fixes it), not bounce the message.
-  const permanent = responseCode !== undefined && !CONFIG_CODES.has(code) && isPermanentResponseCode(responseCode);
+  const permanent = responseCode !== undefined && MESSAGE_CODES.has(code) && isPermanentResponseCode(responseCode);
   return {
     code,
     responseCode,

@@ -2,6 +2,7 @@
 // identified by its connection settings (`poolKey`), so a reload that leaves a downstream's
 // settings alone keeps its open connections.
 import { createHash } from 'node:crypto';
+import { BlockList, isIP } from 'node:net';
 import nodemailer from 'nodemailer';
 import type { DownstreamConfig } from '../config/load';
 import { classifyFailure, type AttemptFailure } from './classify';
@@ -31,8 +32,30 @@ export function poolKey(ds: DownstreamConfig, settings: PoolSettings): string {
   return JSON.stringify([ds.host, ds.port, ds.tls, ds.verifyTls, secret, settings.connectTimeoutMs, settings.socketTimeoutMs, settings.maxConnections, settings.hostname ?? '']);
 }
 
-function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+// Two lists: one BlockList with an IPv4 subnet would also match IPv4-mapped IPv6 addresses.
+const LOOPBACK_V4 = new BlockList();
+LOOPBACK_V4.addSubnet('127.0.0.0', 8, 'ipv4');
+const LOOPBACK_V6 = new BlockList();
+LOOPBACK_V6.addAddress('::1', 'ipv6');
+
+/**
+ * True only for a loopback address (127.0.0.0/8, ::1), never for a host name: `127.example.com` or a
+ * name that resolves anywhere is not on this machine as far as sending a password in the clear goes.
+ * An IPv4-mapped address (::ffff:127.0.0.1) does not count: the cautious side is to require TLS.
+ */
+export function isLoopbackAddress(host: string): boolean {
+  const family = isIP(host);
+  return family === 4 ? LOOPBACK_V4.check(host, 'ipv4') : family === 6 ? LOOPBACK_V6.check(host, 'ipv6') : false;
+}
+
+/** Options of one attempt. */
+export interface SendOptions {
+  /**
+   * Wall-clock deadline of the attempt, from the moment it asks the pool for a connection to the final
+   * reply. When it passes, the attempt is aborted and its connection closed (freeing its pool slot),
+   * whatever the downstream still trickles: nodemailer's socket timeout only notices silence.
+   */
+  readonly timeoutMs: number;
 }
 
 export class DownstreamPool {
@@ -46,7 +69,7 @@ export class DownstreamPool {
       secure: ds.tls === 'tls',
       // In auto mode a password is only sent over TLS, unless the downstream is on this machine (as Go's
       // net/smtp does): a server that stops offering STARTTLS must not get it in the clear.
-      requireTLS: ds.tls === 'starttls' || (ds.tls === 'auto' && ds.user !== undefined && !isLoopback(ds.host)),
+      requireTLS: ds.tls === 'starttls' || (ds.tls === 'auto' && ds.user !== undefined && !isLoopbackAddress(ds.host)),
       ignoreTLS: ds.tls === 'none',
       tls: { rejectUnauthorized: ds.verifyTls, servername: ds.host },
       auth: ds.user !== undefined ? { user: ds.user, pass: ds.pass } : undefined,
@@ -67,19 +90,31 @@ export class DownstreamPool {
     });
   }
 
-  /** Sends the raw message unchanged with the given envelope; never rejects. */
-  async send(envelope: Envelope, raw: Buffer | { readonly path: string }): Promise<AttemptResult> {
+  /** Sends the raw message unchanged with the given envelope, within the attempt's deadline; never rejects. */
+  async send(envelope: Envelope, raw: Buffer | { readonly path: string }, options: SendOptions): Promise<AttemptResult> {
+    const deadline = new AbortController();
+    // nodemailer closes the connection an aborted message holds (or drops it from the queue), so the
+    // pool slot is free for the next message; other deliveries in the pool carry on.
+    const timer = setTimeout(() => deadline.abort(), options.timeoutMs);
     try {
       const info = await this.transport.sendMail({
         // use8BitMime and size reach MAIL FROM (BODY=8BITMIME, SIZE=) though nodemailer's type omits them.
         envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
         raw: raw as Buffer | { path: string },
+        signal: deadline.signal,
       });
       const response = String(info.response ?? '');
       const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
       return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
     } catch (err) {
+      if (deadline.signal.aborted) {
+        // The downstream may have accepted just as we gave up: as with a reply lost after the final
+        // dot, that is a failed attempt (RFC 1047), logged as such.
+        return { ok: false, code: 'ETIMEDOUT', permanent: false, message: `no final reply within ${options.timeoutMs} ms (delivery.attempt_timeout_ms); the attempt was aborted` };
+      }
       return { ok: false, ...classifyFailure(err) };
+    } finally {
+      clearTimeout(timer);
     }
   }
 

@@ -1,14 +1,23 @@
-// One message's delivery: the attempts, the exactly-once `delivered` latch and the final verdict.
-// Attempts run one at a time, so two send() calls can never both deliver the message.
-import { SmtpMuxError, SEND_CODES, type SendCode } from '../errors';
+// One message's delivery: its attempts and the exactly-once `delivered` latch. Attempts run one at a
+// time, so two send() calls can never both deliver the message. It knows nothing of who asks (a selector
+// script, an ordered list, `smtpmux try`): it performs attempts and reports them; the verdict from those
+// attempts and how the selector ended lives with the routing (src/verdict.ts).
+import { SEND_CODES, type SendCode } from '../errors';
 import type { MessageBody } from '../message/body';
-import type { DownstreamView, SelectorOutcome, SendRecord } from '../selector/types';
 import type { DownstreamPool, Envelope } from './pool';
 
 export interface DeliveryTarget {
-  readonly view: DownstreamView;
+  /** The downstream's name, as attempts and logs call it. */
+  readonly name: string;
   /** The downstream's pool, or anything that answers like one (`smtpmux try` simulates). */
   readonly pool: Pick<DownstreamPool, 'send'>;
+}
+
+export interface DeliveryOptions {
+  /** Attempts a caller may ask for with `fromScript` (limits.max_sends). */
+  readonly maxSends: number;
+  /** Wall-clock deadline of one attempt (delivery.attempt_timeout_ms). */
+  readonly attemptTimeoutMs: number;
 }
 
 export interface AttemptLog {
@@ -21,16 +30,14 @@ export interface AttemptLog {
   readonly ms: number;
 }
 
-export interface Verdict {
-  readonly delivered: boolean;
-  /** null: accepted, answer 250. */
-  readonly error: SmtpMuxError | null;
-  readonly downstream?: string;
-}
+/** What one attempt came to: accepted, or why not (the send() bridge hands this to a script as is). */
+export type AttemptRecord =
+  | { ok: true; downstream: string; responseCode: number; response: string; ms: number }
+  | { ok: false; downstream: string | null; code: string; responseCode?: number; response?: string; permanent: boolean; message: string; ms: number };
 
 export class Delivery {
   readonly attempts: AttemptLog[] = [];
-  /** Script mistakes at the bridge (unknown downstream, too many sends), for the log line. */
+  /** Mistakes of the caller (unknown downstream, too many sends), for the log line. */
   readonly problems: string[] = [];
   delivered: { downstream: string; response: string; rejected: readonly string[] } | undefined;
   private chain: Promise<unknown> = Promise.resolve();
@@ -40,11 +47,14 @@ export class Delivery {
     private readonly body: Pick<MessageBody, 'open'>,
     private readonly envelope: Envelope,
     private readonly targets: ReadonlyMap<string, DeliveryTarget>,
-    private readonly maxSends: number,
+    private readonly options: DeliveryOptions,
   ) {}
 
-  /** The send() bridge: one attempt, after any attempt already in flight; never rejects. */
-  send(target: string | null, fromScript = true): Promise<SendRecord> {
+  /**
+   * One attempt, after any attempt already in flight; never rejects. `fromScript` counts it against
+   * the send cap (an ordered list the host tries is bounded by the user's downstreams instead).
+   */
+  send(target: string | null, fromScript = true): Promise<AttemptRecord> {
     const next = this.chain.then(() => this.attempt(target, fromScript));
     this.chain = next;
     return next;
@@ -67,18 +77,18 @@ export class Delivery {
     } while (seen !== this.chain);
   }
 
-  private async attempt(target: string | null, fromScript: boolean): Promise<SendRecord> {
+  private async attempt(target: string | null, fromScript: boolean): Promise<AttemptRecord> {
     const started = Date.now();
     if (this.delivered) return this.refuse(target, 'SMTPMUX_ALREADY_DELIVERED', started);
-    if (fromScript && ++this.scriptSends > this.maxSends) return this.refuse(target, 'SMTPMUX_SEND_LIMIT', started, ` (limit ${this.maxSends})`);
+    if (fromScript && ++this.scriptSends > this.options.maxSends) return this.refuse(target, 'SMTPMUX_SEND_LIMIT', started, ` (limit ${this.options.maxSends})`);
     const found = target === null ? undefined : this.targets.get(target);
     if (!found) return this.refuse(target, 'SMTPMUX_UNKNOWN_DOWNSTREAM', started, target === null ? ': send() needs a downstream object or name' : `: "${target}"`);
 
-    const name = found.view.name;
-    const result = await found.pool.send(this.envelope, this.body.open());
+    const name = found.name;
+    const result = await found.pool.send(this.envelope, this.body.open(), { timeoutMs: this.options.attemptTimeoutMs });
     const ms = Date.now() - started;
     if (result.ok) {
-      // The latch: from here on the client's answer is 250, whatever the script does next.
+      // The latch: from here on the client's answer is 250, whatever the caller does next.
       this.delivered = { downstream: name, response: result.response, rejected: result.rejected };
       this.attempts.push({ downstream: name, ok: true, responseCode: result.responseCode, ms });
       return { ok: true, downstream: name, responseCode: result.responseCode, response: result.response, ms };
@@ -96,31 +106,9 @@ export class Delivery {
     };
   }
 
-  private refuse(target: string | null, code: SendCode, started: number, detail = ''): SendRecord {
+  private refuse(target: string | null, code: SendCode, started: number, detail = ''): AttemptRecord {
     const message = `${SEND_CODES[code]}${detail}`;
     if (this.problems.length < 20) this.problems.push(message);
     return { ok: false, downstream: target, code, permanent: code !== 'SMTPMUX_SEND_LIMIT', message, ms: Date.now() - started };
-  }
-
-  /** The one SMTP answer for this message, from the latch, the attempts and how the selector ended. */
-  verdict(outcome: SelectorOutcome): Verdict {
-    if (this.delivered) return { delivered: true, error: null, downstream: this.delivered.downstream };
-    if (outcome.kind === 'fault' && outcome.fault !== 'threw' && outcome.fault !== 'bad-result') {
-      const code = outcome.fault === 'timeout' ? 'SMTPMUX_SELECTOR_TIMEOUT' : outcome.fault === 'memory' ? 'SMTPMUX_SELECTOR_MEMORY' : 'SMTPMUX_SELECTOR_UNAVAILABLE';
-      return { delivered: false, error: new SmtpMuxError(code) };
-    }
-    if (this.attempts.length === 0) {
-      if (outcome.kind === 'fault' && outcome.fault === 'threw') return { delivered: false, error: new SmtpMuxError('SMTPMUX_SELECTOR_FAILED') };
-      return { delivered: false, error: new SmtpMuxError('SMTPMUX_SELECTOR_BAD_RESULT') };
-    }
-    const summary = this.attempts.map((a) => `${a.downstream}: ${a.responseCode ?? a.code}`).join(', ');
-    const last = this.attempts[this.attempts.length - 1];
-    if (this.attempts.every((a) => a.permanent)) {
-      // Pass the downstream's own reply through: it says best why the message was refused.
-      const reply = last.responseCode ?? 554;
-      const enhanced = /^\d{3}[ -](5\.\d{1,3}\.\d{1,3})\b/.exec(last.response ?? '')?.[1] ?? '5.0.0';
-      return { delivered: false, error: new SmtpMuxError('SMTPMUX_DOWNSTREAM_REJECTED', summary, { reply, enhanced }) };
-    }
-    return { delivered: false, error: new SmtpMuxError('SMTPMUX_DOWNSTREAMS_UNAVAILABLE', summary) };
   }
 }
