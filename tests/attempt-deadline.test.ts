@@ -5,7 +5,8 @@ import { classifyFailure } from '../src/delivery/classify';
 import { isLoopbackAddress } from '../src/delivery/pool';
 import { startDownstream } from './support/downstream';
 import { startMisbehaving, type Behaviour } from './support/misbehaving';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
 const open: { close(): Promise<void> }[] = [];
@@ -14,17 +15,13 @@ afterEach(async () => {
 });
 
 // One pooled connection per downstream: a connection the first message left held would block the second.
-const DEADLINE = `limits:
-  selector_timeout_ms: 5000
-delivery:
-  connect_timeout_ms: 1000
-  socket_timeout_ms: 30000
-  attempt_timeout_ms: 1500
-  max_connections: 1
-`;
+const DEADLINE = {
+  limits: { selector_timeout_ms: 5000 },
+  delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 30000, attempt_timeout_ms: 1500, max_connections: 1 },
+};
 
 async function proxyFor(downstreams: { name: string; addr: string }[]): Promise<RunningProxy> {
-  const p = await startProxy({ 'config.yaml': configFor({ selector: 'round-robin.js', extra: DEADLINE, downstreams }) });
+  const p = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', ...DEADLINE, downstreams }) });
   open.push({ close: () => p.stop() });
   return p;
 }

@@ -1,16 +1,13 @@
 // Inbound SMTP: who may send (AUTH PLAIN and LOGIN against the configured users, nothing without AUTH,
 // no plaintext AUTH unless allowed) and how big a message may be.
 import { startDownstream, type Downstream } from './support/downstream';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, swaks } from './support/clients';
 import { connectRaw, plainAuth } from './support/raw';
 import { AUTH_FAILURE_DELAY_MS } from '../src/smtp/server';
 
-const EXTRA = `max_message_size: 200KB
-limits:
-  selector_timeout_ms: 1000
-  selector_memory_mb: 32
-`;
+const EXTRA = { max_message_size: '200KB', limits: { selector_timeout_ms: 1000, selector_memory_mb: 32 } };
 
 describe('inbound authentication and limits', () => {
   let ds: Downstream;
@@ -18,7 +15,7 @@ describe('inbound authentication and limits', () => {
 
   beforeAll(async () => {
     ds = await startDownstream();
-    proxy = await startProxy({ 'config.yaml': configFor({ selector: 'round-robin.js', extra: EXTRA, downstreams: [{ name: 'only', addr: ds.addr }] }) });
+    proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', ...EXTRA, downstreams: [{ name: 'only', addr: ds.addr }] }) });
   });
   afterAll(async () => {
     await proxy?.stop();
@@ -143,7 +140,7 @@ describe('plaintext AUTH', () => {
   let ds: Downstream;
   const proxies: RunningProxy[] = [];
   const config = (): string =>
-    configFor({ selector: 'round-robin.js', extra: EXTRA, downstreams: [{ name: 'only', addr: ds.addr }] }).replace('allow_insecure_auth: true', 'allow_insecure_auth: false');
+    testConfig({ selector: 'round-robin.js', ...EXTRA, allow_insecure_auth: false, downstreams: [{ name: 'only', addr: ds.addr }] });
 
   beforeAll(async () => {
     ds = await startDownstream();

@@ -8,6 +8,7 @@ import { startDownstream, subjectOf, type Downstream } from './support/downstrea
 import { sendWithNodemailer } from './support/clients';
 import { envWithout, startServe, type ServeProcess } from './support/cli';
 import { fixedSelector, renameOver } from './support/reload';
+import { testConfig } from './support/config';
 
 const running: ServeProcess[] = [];
 const downstreams: Downstream[] = [];
@@ -29,24 +30,11 @@ async function downstream(): Promise<Downstream> {
 }
 
 function config(users: { email: string; password: string; selector: string; downstreams: { name: string; addr: string }[] }[]): string {
-  return `listen:
-  host: 127.0.0.1
-  port: 0
-allow_insecure_auth: true
-limits:
-  selector_timeout_ms: 2000
-  selector_memory_mb: 32
-delivery:
-  connect_timeout_ms: 2000
-  socket_timeout_ms: 10000
-users:
-${users
-  .map(
-    (u) =>
-      `  - email: "${u.email}"\n    password: "${u.password}"\n    selector: ${u.selector}\n    downstreams:\n${u.downstreams.map((d) => `      - name: ${d.name}\n        addr: "${d.addr}"\n        tls: none`).join('\n')}`,
-  )
-  .join('\n')}
-`;
+  return testConfig({
+    limits: { selector_timeout_ms: 2000, selector_memory_mb: 32 },
+    delivery: { connect_timeout_ms: 2000, socket_timeout_ms: 10000 },
+    users,
+  });
 }
 
 /** The JSON log lines the process printed so far. */

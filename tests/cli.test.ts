@@ -5,7 +5,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { startDownstream, subjectOf, type Downstream } from './support/downstream';
-import { configFor, TEST_LIMITS } from './support/proxy';
+import { testConfig, TEST_LIMITS } from './support/config';
 import { sendWithNodemailer, swaks } from './support/clients';
 import { envWithout, startServe, type ServeProcess } from './support/cli';
 
@@ -46,7 +46,7 @@ async function downstream(options: Parameters<typeof startDownstream>[0] = {}): 
 describe('smtpmux serve', () => {
   test('started without --no-node-snapshot, it re-execs itself with the flag and serves', async () => {
     const ds = await downstream();
-    const file = writeConfig('reexec.yaml', configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'only', addr: ds.addr }] }));
+    const file = writeConfig('reexec.yaml', testConfig({ selector: 'round-robin.js', ...TEST_LIMITS, downstreams: [{ name: 'only', addr: ds.addr }] }));
     const env = userEnv();
     expect(env.NODE_OPTIONS).toBeUndefined();
     const p = await serve(file);
@@ -70,7 +70,7 @@ describe('smtpmux serve', () => {
         return undefined;
       },
     });
-    const file = writeConfig('sigterm.yaml', configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'slow', addr: ds.addr }] }));
+    const file = writeConfig('sigterm.yaml', testConfig({ selector: 'round-robin.js', ...TEST_LIMITS, downstreams: [{ name: 'slow', addr: ds.addr }] }));
     const p = await serve(file);
     const sending = sendWithNodemailer(p.port, { subject: 'in flight at SIGTERM' });
     await reachedDownstream;
@@ -112,9 +112,9 @@ describe('smtpmux serve', () => {
     const accepting = await downstream({ user: 'relay2', pass: GOOD_DOWNSTREAM_PASS });
     const file = writeConfig(
       'secrets.yaml',
-      configFor({
+      testConfig({
         selector: 'waterfall.js',
-        extra: TEST_LIMITS,
+        ...TEST_LIMITS,
         email: 'app@user.com',
         password: USER_PASSWORD,
         downstreams: [

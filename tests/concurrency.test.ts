@@ -3,6 +3,7 @@
 // killed for overrunning takes down only what it must (a message already delivered stays delivered).
 import { SMTPServer } from 'smtp-server';
 import { listenOnLoopback, type Listening } from './support/downstream';
+import { testConfig } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
@@ -40,19 +41,12 @@ async function sink(delayMs: number, reply?: { code: number; text: string }): Pr
 }
 
 function config(sinks: Record<string, Sink>, timeoutMs = 3000): string {
-  return `listen: { host: 127.0.0.1, port: 0 }
-allow_insecure_auth: true
-limits: { selector_timeout_ms: ${timeoutMs}, selector_memory_mb: 32 }
-delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 5000, max_connections: 10 }
-users:
-  - email: test@user.com
-    password: password123
-    selector: styles.js
-    downstreams:
-${Object.entries(sinks)
-  .map(([name, s]) => `      - { name: ${name}, addr: "${s.addr}", tls: none }`)
-  .join('\n')}
-`;
+  return testConfig({
+    limits: { selector_timeout_ms: timeoutMs, selector_memory_mb: 32 },
+    delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 5000, max_connections: 10 },
+    selector: 'styles.js',
+    downstreams: Object.entries(sinks).map(([name, s]) => ({ name, addr: s.addr })),
+  });
 }
 
 /** The subject says which downstream and which way of calling send(). */

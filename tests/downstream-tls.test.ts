@@ -1,20 +1,16 @@
 // TLS towards downstreams: in the default `auto` mode a downstream password never crosses in the clear
 // unless the downstream is on loopback (or `tls: none` says so).
 import { startDownstream, type Downstream } from './support/downstream';
+import { testConfig } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
 function config(addr: string, tls: string): string {
-  return `listen: { host: 127.0.0.1, port: 0 }
-allow_insecure_auth: true
-delivery: { connect_timeout_ms: 2000, socket_timeout_ms: 5000 }
-users:
-  - email: test@user.com
-    password: password123
-    selector: round-robin.js
-    downstreams:
-      - { name: relay, addr: "${addr}", user: relay-user, pass: relay-secret, tls: ${tls} }
-`;
+  return testConfig({
+    delivery: { connect_timeout_ms: 2000, socket_timeout_ms: 5000 },
+    selector: 'round-robin.js',
+    downstreams: [{ name: 'relay', addr, user: 'relay-user', pass: 'relay-secret', tls }],
+  });
 }
 
 describe('downstream TLS', () => {

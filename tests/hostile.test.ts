@@ -4,30 +4,18 @@
 import { readdirSync, readlinkSync } from 'node:fs';
 import { plainAuth, connectRaw } from './support/raw';
 import { startDownstream, type Downstream } from './support/downstream';
+import { testConfig } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 import { SelectorSandbox } from '../src/selector/sandbox';
 
-const LIMITS = `limits:
-  selector_timeout_ms: 1500
-  selector_memory_mb: 32
-  max_sends: 3
-delivery:
-  connect_timeout_ms: 1000
-  socket_timeout_ms: 5000
-`;
+const LIMITS = {
+  limits: { selector_timeout_ms: 1500, selector_memory_mb: 32, max_sends: 3 },
+  delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 5000 },
+};
 
 function config(good: Downstream, selector = 'hostile.js'): string {
-  return `listen: { host: 127.0.0.1, port: 0 }
-allow_insecure_auth: true
-${LIMITS}
-users:
-  - email: test@user.com
-    password: password123
-    selector: ${selector}
-    downstreams:
-      - { name: good, addr: "${good.addr}", tls: none }
-`;
+  return testConfig({ ...LIMITS, selector, downstreams: [{ name: 'good', addr: good.addr }] });
 }
 
 /** Each subject picks a way to break the bootstrap's assumptions; "fine" routes normally. */

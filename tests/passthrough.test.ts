@@ -5,7 +5,8 @@ import { randomBytes } from 'node:crypto';
 import fs, { readdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { startDownstream, type Downstream } from './support/downstream';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, sendWithPython, swaks } from './support/clients';
 import { connectRaw, dotStuff, plainAuth } from './support/raw';
 
@@ -78,9 +79,9 @@ describe('byte-for-byte passthrough', () => {
   beforeAll(async () => {
     ds = await startDownstream({ user: 'relay-user', pass: 'relay-pass' });
     proxy = await startProxy({
-      'config.yaml': configFor({
+      'config.yaml': testConfig({
         selector: 'round-robin.js',
-        extra: 'limits:\n  selector_timeout_ms: 1000\n  selector_memory_mb: 32\n',
+        limits: { selector_timeout_ms: 1000, selector_memory_mb: 32 },
         downstreams: [{ name: 'relay', addr: ds.addr, user: 'relay-user', pass: 'relay-pass' }],
       }),
     });

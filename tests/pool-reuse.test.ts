@@ -5,7 +5,8 @@
 import { createHash } from 'node:crypto';
 import { SMTPServer } from 'smtp-server';
 import { listenOnLoopback } from './support/downstream';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
 describe('pooled downstream connections', () => {
@@ -48,7 +49,7 @@ describe('pooled downstream connections', () => {
     const downstream = await listenOnLoopback(server);
     let proxy: RunningProxy | undefined;
     try {
-      proxy = await startProxy({ 'config.yaml': configFor({ selector: 'round-robin.js', downstreams: [{ name: 'only', addr: downstream.addr }] }) });
+      proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ name: 'only', addr: downstream.addr }] }) });
       const filler = 'x'.repeat(998) + '\r\n';
       const sent = ['first', 'second', 'third'].map((subject) =>
         Buffer.from(`From: <a@example.com>\r\nTo: <b@example.org>\r\nSubject: ${subject}\r\n\r\n${filler.repeat(Math.ceil(attachmentBytes / filler.length) + 1)}`),

@@ -28,6 +28,7 @@ import {
   type LogLine,
   type WatchedProxy,
 } from './support/reload';
+import { testConfig, type ConfigSpec } from './support/config';
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -49,32 +50,20 @@ async function watched(dir: string, options?: Parameters<typeof startWatched>[1]
   return p;
 }
 
-interface UserSpec {
+type UserSpec = {
   email: string;
   password: string;
   selector: string;
   downstreams: { name: string; addr: string; user?: string; pass?: string }[];
-}
+};
 
-const SETTINGS = `limits:
-  selector_timeout_ms: 10000
-  selector_memory_mb: 32
-delivery:
-  connect_timeout_ms: 2000
-  socket_timeout_ms: 30000
-  max_connections: 2
-`;
+const SETTINGS = {
+  limits: { selector_timeout_ms: 10000, selector_memory_mb: 32 },
+  delivery: { connect_timeout_ms: 2000, socket_timeout_ms: 30000, max_connections: 2 },
+};
 
-function yamlConfig(users: UserSpec[], options: { port?: number; extra?: string } = {}): string {
-  const list = users
-    .map((u) => {
-      const ds = u.downstreams
-        .map((d) => [`      - name: ${d.name}`, `        addr: "${d.addr}"`, '        tls: none', ...(d.user !== undefined ? [`        user: "${d.user}"`, `        pass: "${d.pass}"`] : [])].join('\n'))
-        .join('\n');
-      return `  - email: "${u.email}"\n    password: "${u.password}"\n    selector: ${u.selector}\n    downstreams:\n${ds}`;
-    })
-    .join('\n');
-  return `listen:\n  host: 127.0.0.1\n  port: ${options.port ?? 0}\nallow_insecure_auth: true\n${SETTINGS}${options.extra ?? ''}users:\n${list}\n`;
+function yamlConfig(users: UserSpec[], options: ConfigSpec = {}): string {
+  return testConfig({ ...SETTINGS, ...options, users });
 }
 
 const USER1 = { user: 'test@user.com', pass: 'password123' };
@@ -398,10 +387,10 @@ describe('reload details', () => {
     const dir = tempDir();
     const spec: UserSpec = { email: USER1.user, password: USER1.pass, selector: 'sel.js', downstreams: [{ name: 'x', addr: x.addr }] };
     writeIn(dir, 'sel.js', fixedSelector('x'));
-    writeIn(dir, 'config.yaml', yamlConfig([spec], { port: 0 }));
+    writeIn(dir, 'config.yaml', yamlConfig([spec], { listen: { port: 0 } }));
     const proxy = await watched(dir);
     const from = proxy.logs.length;
-    renameOver(path.join(dir, 'config.yaml'), yamlConfig([spec], { port: 2999 }));
+    renameOver(path.join(dir, 'config.yaml'), yamlConfig([spec], { listen: { port: 2999 } }));
     const { line } = await waitForLog(proxy.logs, from, isReloadOutcome, 'the reload');
     expect(line).toMatchObject({ msg: 'reloaded', needsRestart: ['listen (127.0.0.1:0 → 127.0.0.1:2999)'] });
     const warning = proxy.logs.slice(from).find((l) => /only after a restart/.test(String(l.msg)));
@@ -432,7 +421,7 @@ describe('reload details', () => {
       },
       {
         name: 'config schema error',
-        apply: () => renameOver(configFile, yamlConfig([spec, newcomer]).replace('selector_timeout_ms: 10000', 'selector_timeout_ms: soon')),
+        apply: () => renameOver(configFile, yamlConfig([spec, newcomer], { limits: { ...SETTINGS.limits, selector_timeout_ms: 'soon' } })),
         expectProblem: /config\.yaml:limits\.selector_timeout_ms: .*\(line 6\)/,
       },
       {

@@ -2,7 +2,8 @@
 // of downstreams for the host to try, or send() calls of its own), failover, and the verdicts when
 // nothing accepts.
 import { deadPort, startDownstream, subjectOf, type Downstream } from './support/downstream';
-import { configFor, startProxy, TEST_LIMITS, type RunningProxy } from './support/proxy';
+import { testConfig, TEST_LIMITS } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
 const open: { close(): Promise<void> }[] = [];
@@ -32,7 +33,7 @@ describe('routing', () => {
     const a = await downstream();
     const b = await downstream();
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'round-robin.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': testConfig({ selector: 'round-robin.js', ...TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     for (let i = 0; i < 10; i++) {
       expect(await sendWithNodemailer(p.port, { subject: `rr ${i}` })).toMatchObject({ ok: true });
@@ -49,9 +50,9 @@ describe('routing', () => {
     const good = await downstream();
     const down = await deadPort();
     const p = await proxy({
-      'config.yaml': configFor({
+      'config.yaml': testConfig({
         selector: 'waterfall.js',
-        extra: TEST_LIMITS,
+        ...TEST_LIMITS,
         downstreams: [
           { name: 'down', addr: `127.0.0.1:${down}` },
           { name: 'busy', addr: busy.addr },
@@ -77,7 +78,7 @@ describe('routing', () => {
   test('every downstream down gives 451 4.4.1 and nothing is delivered', async () => {
     const [d1, d2] = [await deadPort(), await deadPort()];
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'd1', addr: `127.0.0.1:${d1}` }, { name: 'd2', addr: `127.0.0.1:${d2}` }] }),
+      'config.yaml': testConfig({ selector: 'waterfall.js', ...TEST_LIMITS, downstreams: [{ name: 'd1', addr: `127.0.0.1:${d1}` }, { name: 'd2', addr: `127.0.0.1:${d2}` }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'nowhere' });
     expect(sent.ok).toBe(false);
@@ -92,7 +93,7 @@ describe('routing', () => {
     const r1 = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const r2 = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'r1', addr: r1.addr }, { name: 'r2', addr: r2.addr }] }),
+      'config.yaml': testConfig({ selector: 'waterfall.js', ...TEST_LIMITS, downstreams: [{ name: 'r1', addr: r1.addr }, { name: 'r2', addr: r2.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'refused' });
     expect(sent.ok).toBe(false);
@@ -106,7 +107,7 @@ describe('routing', () => {
     const refusing = await downstream({ fail: { kind: 'reply', code: 550, message: '5.7.1 Relaying denied' } });
     const busy = await downstream({ fail: { kind: 'reply', code: 451, message: '4.3.0 Try again later' } });
     const p = await proxy({
-      'config.yaml': configFor({ selector: 'waterfall.js', extra: TEST_LIMITS, downstreams: [{ name: 'refusing', addr: refusing.addr }, { name: 'busy', addr: busy.addr }] }),
+      'config.yaml': testConfig({ selector: 'waterfall.js', ...TEST_LIMITS, downstreams: [{ name: 'refusing', addr: refusing.addr }, { name: 'busy', addr: busy.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'mixed' });
     expect(sent.ok).toBe(false);
@@ -124,9 +125,9 @@ describe('routing', () => {
         const byName = Object.fromEntries(downstreams.map((d) => [d.name, d]));
         return [byName.down, 'busy', byName.second, 'first'];
       }`,
-      'config.yaml': configFor({
+      'config.yaml': testConfig({
         selector: 'ordered.js',
-        extra: TEST_LIMITS,
+        ...TEST_LIMITS,
         downstreams: [
           { name: 'first', addr: first.addr },
           { name: 'busy', addr: busy.addr },
@@ -147,7 +148,7 @@ describe('routing', () => {
     const b = await downstream();
     const p = await proxy({
       'by-name.js': `function select() { return 'b'; }`,
-      'config.yaml': configFor({ selector: 'by-name.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': testConfig({ selector: 'by-name.js', ...TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     for (let i = 0; i < 2; i++) expect(await sendWithNodemailer(p.port, { subject: `name ${i}` })).toMatchObject({ ok: true });
     expect(b.received).toHaveLength(2);
@@ -159,7 +160,7 @@ describe('routing', () => {
     const b = await downstream();
     const p = await proxy({
       'by-addr.js': `function select(message, downstreams) { return downstreams[1].addr; }`,
-      'config.yaml': configFor({ selector: 'by-addr.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
+      'config.yaml': testConfig({ selector: 'by-addr.js', ...TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }),
     });
     expect(await sendWithNodemailer(p.port, { subject: 'addr' })).toMatchObject({ ok: true });
     expect(b.received).toHaveLength(1);
@@ -169,7 +170,7 @@ describe('routing', () => {
     const a = await downstream();
     const p = await proxy({
       'refuse.js': `function select() { return 'no route for this sender'; }`,
-      'config.yaml': configFor({ selector: 'refuse.js', extra: TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }] }),
+      'config.yaml': testConfig({ selector: 'refuse.js', ...TEST_LIMITS, downstreams: [{ name: 'a', addr: a.addr }] }),
     });
     const sent = await sendWithNodemailer(p.port, { subject: 'reason' });
     expect(sent).toMatchObject({ ok: false, code: 451 });
@@ -191,9 +192,10 @@ describe('routing', () => {
         log('codes=' + codes.join(','));
         throw new Error('gave up');
       }`,
-      'config.yaml': configFor({
+      'config.yaml': testConfig({
         selector: 'greedy.js',
-        extra: TEST_LIMITS.replace('limits:\n', 'limits:\n  max_sends: 2\n'),
+        ...TEST_LIMITS,
+        limits: { ...TEST_LIMITS.limits, max_sends: 2 },
         downstreams: [{ name: 'busy', addr: busy.addr }, { name: 'spare', addr: spare.addr }],
       }),
     });

@@ -2,19 +2,17 @@
 // nothing else; a message already delivered stays delivered exactly once; a script sees only plain
 // copies (no credentials, no host APIs); users and concurrent messages never leak into each other.
 import { startDownstream, subjectOf, type Downstream } from './support/downstream';
+import { testConfig, type DownstreamSpec, type UserSpec } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, type Sent } from './support/clients';
 
 const RELAY_USER = 'relay-user-7f3a';
 const RELAY_PASS = 'S3cret-relay-pass-91c2';
 
-const LIMITS = `limits:
-  selector_timeout_ms: 1000
-  selector_memory_mb: 16
-delivery:
-  connect_timeout_ms: 1000
-  socket_timeout_ms: 5000
-`;
+const LIMITS = {
+  limits: { selector_timeout_ms: 1000, selector_memory_mb: 16 },
+  delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 5000 },
+};
 
 /** One script for every misbehaviour: the first word of the subject says what to do. */
 const HOSTILE = String.raw`
@@ -68,23 +66,12 @@ async function select(message, downstreams) {
 }
 `;
 
-function user(email: string, selector: string, downstreams: string): string {
-  return `  - email: "${email}"
-    password: "password-of-${email}"
-    selector: ${selector}
-    downstreams:
-${downstreams}`;
+function user(email: string, selector: string, downstreams: DownstreamSpec[]): UserSpec {
+  return { email, password: `password-of-${email}`, selector, downstreams };
 }
 
-function config(users: string[]): string {
-  return `listen:
-  host: 127.0.0.1
-  port: 0
-allow_insecure_auth: true
-${LIMITS}
-users:
-${users.join('\n')}
-`;
+function config(users: UserSpec[]): string {
+  return testConfig({ ...LIMITS, users });
 }
 
 const as = (email: string) => ({ user: email, pass: `password-of-${email}` });
@@ -116,18 +103,11 @@ describe('a selector that misbehaves', () => {
         user(
           'test@user.com',
           'hostile.js',
-          `      - name: good
-        addr: "${good.addr}"
-        user: "${RELAY_USER}"
-        pass: "${RELAY_PASS}"
-        tls: none
-        tags: [primary]
-      - name: bad
-        addr: "${bad.addr}"
-        tls: none
-      - name: other
-        addr: "${other.addr}"
-        tls: none`,
+          [
+            { name: 'good', addr: good.addr, user: RELAY_USER, pass: RELAY_PASS, tags: ['primary'] },
+            { name: 'bad', addr: bad.addr },
+            { name: 'other', addr: other.addr },
+          ],
         ),
       ]),
     });
@@ -271,7 +251,7 @@ describe('isolation between users and between messages', () => {
     c = await startDownstream();
     rr1 = await startDownstream();
     rr2 = await startDownstream();
-    const plain = (pairs: [string, Downstream][]): string => pairs.map(([name, ds]) => `      - name: ${name}\n        addr: "${ds.addr}"\n        tls: none`).join('\n');
+    const plain = (pairs: [string, Downstream][]): DownstreamSpec[] => pairs.map(([name, ds]) => ({ name, addr: ds.addr }));
     proxy = await startProxy({
       'looper.js': 'function select() { while (true) {} }',
       'esm.js': 'export default function (message, downstreams) { return downstreams[downstreams.length - 1]; }',

@@ -4,7 +4,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { connectRaw, plainAuth } from './support/raw';
 import { startDownstream, type Downstream } from './support/downstream';
-import { configFor, startProxy, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 
 describe('max_message_size on reload', () => {
@@ -12,7 +13,7 @@ describe('max_message_size on reload', () => {
   let proxy: RunningProxy;
   beforeAll(async () => {
     ds = await startDownstream();
-    proxy = await startProxy({ 'config.yaml': configFor({ selector: 'round-robin.js', downstreams: [{ addr: ds.addr }], extra: 'max_message_size: 1MB' }) });
+    proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ addr: ds.addr }], max_message_size: '1MB' }) });
   });
   afterAll(async () => {
     await proxy?.stop();

@@ -1,5 +1,6 @@
 import { startDownstream, type Downstream } from './support/downstream';
-import { startProxy, configFor, type RunningProxy } from './support/proxy';
+import { testConfig } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, swaks } from './support/clients';
 
 describe('smoke', () => {
@@ -7,7 +8,7 @@ describe('smoke', () => {
   beforeAll(async () => {
     a = await startDownstream({ user: 'ua', pass: 'pa' });
     b = await startDownstream();
-    proxy = await startProxy({ 'config.yaml': configFor({ selector: 'round-robin.js', downstreams: [{ name: 'a', addr: a.addr, user: 'ua', pass: 'pa' }, { name: 'b', addr: b.addr }] }) });
+    proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ name: 'a', addr: a.addr, user: 'ua', pass: 'pa' }, { name: 'b', addr: b.addr }] }) });
   });
   afterAll(async () => {
     await proxy?.stop();

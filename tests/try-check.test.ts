@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { startDownstream, subjectOf, type Downstream } from './support/downstream';
 import { envWithout, runCli } from './support/cli';
+import { testConfig, type ConfigSpec } from './support/config';
 
 let dir: string;
 let ds: Record<'a' | 'b' | 'c', Downstream>;
@@ -20,22 +21,12 @@ function write(name: string, text: string): string {
   return file;
 }
 
-function configText(users: { email: string; selector: string; names: ('a' | 'b' | 'c')[] }[], extra = ''): string {
-  return `listen:
-  host: 127.0.0.1
-  port: 0
-allow_insecure_auth: true
-delivery:
-  connect_timeout_ms: 2000
-  socket_timeout_ms: 10000
-${extra}users:
-${users
-  .map(
-    (u) =>
-      `  - email: "${u.email}"\n    password: "pw"\n    selector: ${u.selector}\n    downstreams:\n${u.names.map((n) => `      - name: ${n}\n        addr: "${ds[n].addr}"\n        tls: none`).join('\n')}`,
-  )
-  .join('\n')}
-`;
+function configText(users: { email: string; selector: string; names: ('a' | 'b' | 'c')[]; password?: string }[], extra: ConfigSpec = {}): string {
+  return testConfig({
+    delivery: { connect_timeout_ms: 2000, socket_timeout_ms: 10000 },
+    ...extra,
+    users: users.map((u) => ({ email: u.email, password: u.password ?? 'pw', selector: u.selector, downstreams: u.names.map((n) => ({ name: n, addr: ds[n].addr })) })),
+  });
 }
 
 const delivered = (): number => ds.a.received.length + ds.b.received.length + ds.c.received.length;
@@ -132,7 +123,7 @@ describe('smtpmux try', () => {
   });
 
   test('a config with a problem: try exits 1 and prints it as file:key', async () => {
-    const file = write('try-bad-config.yaml', configText([{ email: 'rr@user.com', selector: 'round-robin.js', names: ['a'] }], 'limits:\n  max_sends: lots\n'));
+    const file = write('try-bad-config.yaml', configText([{ email: 'rr@user.com', selector: 'round-robin.js', names: ['a'] }], { limits: { max_sends: 'lots' } }));
     const result = await cli(['try', '-c', file]);
     expect(result.code).toBe(1);
     expect(result.stderr).toMatch(/try-bad-config\.yaml:limits\.max_sends: /);
@@ -172,7 +163,7 @@ describe('smtpmux check', () => {
   });
 
   test('a config with two problems lists both, each as file:key', async () => {
-    const text = configText([{ email: 'rr@user.com', selector: 'round-robin.js', names: ['a'] }], 'limits:\n  selector_timeout_ms: soon\n').replace('password: "pw"', 'password: ""');
+    const text = configText([{ email: 'rr@user.com', selector: 'round-robin.js', names: ['a'], password: '' }], { limits: { selector_timeout_ms: 'soon' } });
     const result = await cli(['check', '-c', write('two.yaml', text)]);
     expect(result.code).toBe(1);
     expect(result.stderr).toMatch(/2 problem\(s\)/);
