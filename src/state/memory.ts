@@ -1,7 +1,7 @@
 // The in-process StateStore: each operation is one synchronous block, so it is atomic by construction.
 // Entries that expire are dropped when touched and by a sweep every few thousand operations, so keys
 // that are never read again (a login from an address seen once) do not pile up.
-import { StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateStore } from './store';
+import { StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateStatus, type StateStore } from './store';
 
 interface Health {
   failures: number;
@@ -126,6 +126,10 @@ export class MemoryStateStore implements StateStore {
     const expiresAt = current === undefined ? (ttlMs === undefined ? Infinity : now + ttlMs) : this.values.get(key)!.expiresAt;
     this.values.set(key, { value: String(next), expiresAt });
     return next;
+  }
+
+  status(): StateStatus {
+    return { backend: 'memory', shared: false, degraded: false, since: null, reason: null, localOperations: 0 };
   }
 
   async close(): Promise<void> {

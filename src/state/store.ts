@@ -37,6 +37,21 @@ export interface QuotaGrant extends QuotaSnapshot {
   readonly ok: boolean;
 }
 
+/** Which backend serves the state, and whether it is degraded (for logs, metrics and readiness detail). */
+export interface StateStatus {
+  readonly backend: 'memory' | 'redis';
+  /** True when several instances share these limits (a reachable Redis). */
+  readonly shared: boolean;
+  /** True while a shared backend is unreachable and limits are per instance. */
+  readonly degraded: boolean;
+  /** Since when (ms since the epoch) it has been degraded; null when not. */
+  readonly since: number | null;
+  /** Why, in a few words (never a credential); null when not degraded. */
+  readonly reason: string | null;
+  /** Operations served by the local fallback since the process started. */
+  readonly localOperations: number;
+}
+
 export interface StateStore {
   /**
    * Reserves one slot of a smooth rate of `limit` per `periodMs` (GCRA: slots are spaced periodMs/limit
@@ -74,6 +89,9 @@ export interface StateStore {
   set(key: string, json: string, ttlMs?: number): Promise<void>;
   /** Adds `by` to an integer (a missing key counts as 0) and returns the result; a non-integer value throws StateTypeError. */
   incr(key: string, by: number, ttlMs?: number): Promise<number>;
+
+  /** Synchronous and cheap: a metrics scrape or a readiness probe may call it. */
+  status(): StateStatus;
 
   close(): Promise<void>;
 }
