@@ -9,6 +9,8 @@ import { SmtpMuxError } from './errors';
 import { createLogger, type Logger } from './observe/logger';
 import { Runtime, RuntimeBuildError } from './runtime';
 import { createInboundServer } from './smtp/server';
+import { createStateStore } from './state/create';
+import type { StateStore } from './state/store';
 
 export interface AppOptions {
   readonly configPath: string;
@@ -39,6 +41,8 @@ export class App {
     readonly logger: Logger,
     private current: Runtime,
     private readonly server: SMTPServer,
+    /** Cooldowns, rates, quotas, login penalties and ctx.state: created once, outliving reloads. */
+    readonly state: StateStore,
   ) {
     this.live.add(current);
   }
@@ -48,13 +52,21 @@ export class App {
     const logger = options.logger ?? createLogger();
     const started = Date.now();
     const config = await loadConfig(options.configPath, options.env);
-    const { runtime } = await Runtime.build(config);
+    const state = await createStateStore(config.state, logger);
+    let built: Awaited<ReturnType<typeof Runtime.build>>;
+    try {
+      built = await Runtime.build(config);
+    } catch (err) {
+      await state.close();
+      throw err;
+    }
+    const { runtime } = built;
     let app: App | undefined;
     const server = createInboundServer(
       { current: () => app?.current ?? runtime, logger, closing: () => app?.closing ?? false, tmpDir: options.tmpDir },
       runtime,
     );
-    app = new App(options, logger, runtime, server);
+    app = new App(options, logger, runtime, server, state);
     server.on('error', (err) => logger.error({ err: err.message }, 'SMTP server error'));
     await new Promise<void>((resolve, reject) => {
       server.server.once('error', reject);
@@ -62,6 +74,9 @@ export class App {
         server.server.off('error', reject);
         resolve();
       });
+    }).catch(async (err: unknown) => {
+      await state.close();
+      throw err;
     });
     for (const warning of config.warnings) logger.warn({ config: config.file }, warning);
     if (!config.allowInsecureAuth) {
@@ -137,6 +152,7 @@ export class App {
     await serverClosed;
     await this.reloading;
     this.current.retire();
+    await this.state.close();
     this.logger.info('stopped');
   }
 

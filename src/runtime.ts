@@ -234,6 +234,7 @@ function describeChanges(previous: Runtime | undefined, next: Runtime, compiled:
     const [a, b] = [previous.config.listen, next.config.listen];
     if (a.host !== b.host || a.port !== b.port) needsRestart.push(`listen (${a.host}:${a.port} → ${b.host}:${b.port})`);
     if (previous.config.hostname !== next.config.hostname) needsRestart.push('hostname (in the greeting to clients; downstreams see the new one)');
+    if (JSON.stringify(previous.config.state) !== JSON.stringify(next.config.state)) needsRestart.push('state (the state store is created once, at start)');
   }
   return {
     usersAdded: [...after.keys()].filter((k) => !before.has(k)),

@@ -29,6 +29,13 @@ export interface UserConfig {
   readonly downstreams: readonly DownstreamConfig[];
 }
 
+export interface StateConfig {
+  /** Absent: limits and ctx.state live in this process. */
+  readonly redis?: string;
+  readonly prefix: string;
+  readonly timeoutMs: number;
+}
+
 export interface Config {
   readonly file: string;
   readonly listen: { readonly host: string; readonly port: number };
@@ -37,6 +44,7 @@ export interface Config {
   readonly maxMessageSize: number;
   readonly limits: { readonly selectorTimeoutMs: number; readonly selectorMemoryMb: number; readonly maxSends: number };
   readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly attemptTimeoutMs: number; readonly maxConnections: number };
+  readonly state: StateConfig;
   readonly users: readonly UserConfig[];
   /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
   readonly warnings: readonly string[];
@@ -221,6 +229,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
       attemptTimeoutMs: data.delivery.attempt_timeout_ms,
       maxConnections: data.delivery.max_connections,
     }),
+    state: Object.freeze({ redis: data.state.redis, prefix: data.state.prefix, timeoutMs: data.state.timeout_ms }),
     users: Object.freeze(users),
     warnings: Object.freeze(warnings),
   });

@@ -91,6 +91,17 @@ export const configSchema = z
       })
       .strict()
       .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, attempt_timeout_ms: 120_000, max_connections: 5 }),
+    state: z
+      .object({
+        redis: z
+          .string()
+          .regex(/^rediss?:\/\/\S+$/, 'must be a redis:// or rediss:// URL, e.g. "redis://127.0.0.1:6379/0"')
+          .optional(),
+        prefix: z.string().max(100).default('smtpmux:'),
+        timeout_ms: z.number().int().min(10).max(60_000).default(500),
+      })
+      .strict()
+      .default({ prefix: 'smtpmux:', timeout_ms: 500 }),
     users: z.array(userSchema).min(1, 'list at least one user'),
   })
   .strict()

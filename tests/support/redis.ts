@@ -40,16 +40,18 @@ function answers(port: number): Promise<boolean> {
     socket.setTimeout(500, () => done(false));
     socket.once('error', () => done(false));
     socket.once('connect', () => socket.write('PING\r\n'));
-    socket.once('data', (chunk) => done(chunk.toString().startsWith('+PONG')));
+    // -NOAUTH is an answer too: the server is up and wants a password.
+    socket.once('data', (chunk) => done(/^(\+PONG|-NOAUTH)/.test(chunk.toString())));
   });
 }
 
-export async function startRedis(): Promise<RedisServer> {
+export async function startRedis(options: { password?: string } = {}): Promise<RedisServer> {
   let child: ChildProcess | undefined;
   let port = await freePort();
+  const auth = options.password === undefined ? [] : ['--requirepass', options.password];
 
   const launch = async (): Promise<void> => {
-    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--loglevel', 'warning'], {
+    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--loglevel', 'warning', ...auth], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     child = proc;
@@ -86,14 +88,14 @@ export async function startRedis(): Promise<RedisServer> {
 
   return {
     port,
-    url: `redis://127.0.0.1:${port}`,
+    url: `redis://${options.password === undefined ? '' : `:${encodeURIComponent(options.password)}@`}127.0.0.1:${port}`,
     start: launch,
     kill,
     pause: () => child?.kill('SIGSTOP'),
     resume: () => child?.kill('SIGCONT'),
     cli: (...args: string[]) =>
       new Promise((resolve, reject) => {
-        const proc = spawn('redis-cli', ['-p', String(port), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+        const proc = spawn('redis-cli', ['-p', String(port), ...(options.password === undefined ? [] : ['--no-auth-warning', '-a', options.password]), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
         let out = '';
         proc.stdout.on('data', (c: Buffer) => (out += c.toString()));
         proc.once('error', reject);
