@@ -1,5 +1,7 @@
 // Several instances, one set of limits: the `state` config, the App's one store that outlives reloads,
 // and a relay that goes on when Redis is not there.
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { parseConfig } from '../src/config/load';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy } from './support/proxy';
@@ -76,5 +78,14 @@ describe('the App and its state store', () => {
     } finally {
       await proxy.stop();
     }
+  });
+});
+
+describe('docker-compose.cluster.yml', () => {
+  test("the instances' config validates, and names Redis from REDIS_URL", async () => {
+    const file = path.join(__dirname, '..', 'config', 'cluster', 'config.yaml');
+    const parsed = await parseConfig(readFileSync(file, 'utf8'), file, { REDIS_URL: 'redis://redis:6379/0' });
+    expect(parsed.state).toMatchObject({ redis: 'redis://redis:6379/0', prefix: 'smtpmux:' });
+    expect(parsed.listen.host).toBe('0.0.0.0');
   });
 });
