@@ -1,11 +1,13 @@
-// The lifecycle: start-up is the first reload, shutdown the last. Everything that opens a resource
-// closes it here, in reverse order: stop accepting, let in-flight messages finish, close pools and
-// isolates.
+// The App: start-up is the first reload, shutdown the last. Everything that opens a resource is a part
+// of one lifecycle (src/lifecycle.ts), started in order and closed in reverse: the config watcher stops,
+// the SMTP listener stops accepting and lets in-flight messages finish, then pools and isolates close.
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
 import { loadConfig, ConfigError, type Env } from './config/load';
+import { FileWatcher, type WatchOptions } from './config/watch';
 import { SmtpMuxError } from './errors';
+import { Lifecycle, type Part } from './lifecycle';
 import { createLogger, type Logger } from './observe/logger';
 import { Runtime, RuntimeBuildError } from './runtime';
 import { createInboundServer } from './smtp/server';
@@ -20,6 +22,8 @@ export interface AppOptions {
   readonly tmpDir?: string;
   /** How long shutdown waits for in-flight messages before closing connections. */
   readonly shutdownGraceMs?: number;
+  /** Hot reload: watch the config and its selectors (the default), with these options; false = reload only when asked. */
+  readonly watch?: WatchOptions | false;
 }
 
 export interface ReloadResult {
@@ -31,23 +35,59 @@ export interface ReloadResult {
 
 export class App {
   private closing = false;
+  private closed: Promise<void> | undefined;
   private reloading: Promise<unknown> = Promise.resolve();
   private readonly live = new Set<Runtime>();
   /** Selectors named by the last config that parsed, good or not, so fixing them triggers a reload. */
   private attemptedSelectors: readonly string[] = [];
+  private readonly server: SMTPServer;
+  private readonly lifecycle: Lifecycle;
 
   private constructor(
     private readonly options: AppOptions,
     readonly logger: Logger,
     private current: Runtime,
-    private readonly server: SMTPServer,
     /** Cooldowns, rates, quotas, login penalties and ctx.state: created once, outliving reloads. */
     readonly state: StateStore,
   ) {
     this.live.add(current);
+    this.server = createInboundServer({ current: () => this.current, logger, closing: () => this.closing, tmpDir: options.tmpDir }, current);
+    this.server.on('error', (err) => logger.error({ err: err.message }, 'SMTP server error'));
+    this.lifecycle = new Lifecycle((part, err) => logger.error({ part: part.name, err: String((err as Error)?.message ?? err) }, 'failed to close'));
   }
 
-  /** Loads the config, compiles every selector and starts listening; rejects with ConfigError or RuntimeBuildError. */
+  /**
+   * The parts of the App, in start order; close runs them in reverse. A new long-lived resource is one
+   * more entry here, placed by what it needs at close:
+   * - `state` first: everything after it may use the store until it closes;
+   * - `runtime`, so pools and isolates close once nothing can use them;
+   * - a spool next (the SMTP sessions and the HTTP listener may use it until they close);
+   * - an HTTP admin listener before `smtp`, so it still answers (readiness 503) while SMTP drains;
+   * - `smtp`, the listener: its close stops accepting and waits for in-flight messages;
+   * - `watcher` last, so it is the first to stop and no reload starts during shutdown.
+   */
+  private parts(): Part[] {
+    const watch = this.options.watch;
+    const parts: Part[] = [
+      { name: 'state', start: () => undefined, close: () => this.state.close() }, // created by start()
+      {
+        name: 'runtime',
+        start: () => undefined, // built by start(): start-up is the first reload
+        close: async () => {
+          await this.reloading;
+          this.current.retire();
+        },
+      },
+      { name: 'smtp', start: () => this.listen(), close: () => this.closeListener() },
+    ];
+    if (watch !== false) {
+      const watcher = new FileWatcher(this.watchedFiles(), async (reason) => (await this.reload(reason)).files, watch);
+      parts.push({ name: 'watcher', start: () => watcher.start(), close: () => watcher.stop() });
+    }
+    return parts;
+  }
+
+  /** Loads the config, compiles every selector and starts every part; rejects with ConfigError or RuntimeBuildError. */
   static async start(options: AppOptions): Promise<App> {
     const logger = options.logger ?? createLogger();
     const started = Date.now();
@@ -61,23 +101,9 @@ export class App {
       throw err;
     }
     const { runtime } = built;
-    let app: App | undefined;
-    const server = createInboundServer(
-      { current: () => app?.current ?? runtime, logger, closing: () => app?.closing ?? false, tmpDir: options.tmpDir },
-      runtime,
-    );
-    app = new App(options, logger, runtime, server, state);
-    server.on('error', (err) => logger.error({ err: err.message }, 'SMTP server error'));
-    await new Promise<void>((resolve, reject) => {
-      server.server.once('error', reject);
-      server.listen(config.listen.port, config.listen.host, () => {
-        server.server.off('error', reject);
-        resolve();
-      });
-    }).catch(async (err: unknown) => {
-      await state.close();
-      throw err;
-    });
+    // From here on, a part that fails to start closes the ones before it, the state store included.
+    const app = new App(options, logger, runtime, state);
+    await app.lifecycle.start(app.parts());
     for (const warning of config.warnings) logger.warn({ config: config.file }, warning);
     if (!config.allowInsecureAuth) {
       logger.warn('allow_insecure_auth is off and TLS is not configured: clients cannot log in until allow_insecure_auth: true (or USE_INSECURE_AUTH=true)');
@@ -137,23 +163,54 @@ export class App {
     }
   }
 
-  /** Stops accepting, waits for in-flight messages (up to the grace period), then closes everything. */
-  async close(): Promise<void> {
-    if (this.closing) return;
-    this.closing = true;
-    this.logger.info('shutting down: no new connections, waiting for messages in flight');
+  /** Closes every part in reverse order of start; calling it again returns the same promise. */
+  close(): Promise<void> {
+    this.closed ??= (async () => {
+      this.closing = true;
+      this.logger.info('shutting down: no new connections, waiting for messages in flight');
+      await this.lifecycle.close();
+      this.logger.info('stopped');
+    })();
+    return this.closed;
+  }
+
+  private listen(): Promise<void> {
+    const { host, port } = this.current.config.listen;
+    return new Promise<void>((resolve, reject) => {
+      this.server.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.server.off('error', reject);
+        resolve();
+      });
+    });
+  }
+
+  /** Stops accepting, waits for in-flight messages (up to the grace period), then closes the connections left. */
+  private async closeListener(): Promise<void> {
     const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    const deadline = Date.now() + (this.options.shutdownGraceMs ?? 30_000);
-    while ([...this.live].some((r) => r.busy) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+    const drained = await this.drain(this.options.shutdownGraceMs ?? 30_000);
+    if (!drained) this.logger.warn('messages still in flight after the shutdown grace period: closing their connections');
     for (const connection of this.server.connections) {
       connection.send(421, new SmtpMuxError('SMTPMUX_SHUTTING_DOWN').message);
       connection.close();
     }
     await serverClosed;
-    await this.reloading;
-    this.current.retire();
-    await this.state.close();
-    this.logger.info('stopped');
+  }
+
+  /** Resolves true once no Runtime has a message in flight, false when `graceMs` passed first. */
+  private async drain(graceMs: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), graceMs)));
+    try {
+      // A message that began while we waited keeps the drain going: look again after each wait.
+      for (let busy = [...this.live].filter((r) => r.busy); busy.length > 0; busy = [...this.live].filter((r) => r.busy)) {
+        const idle = await Promise.race([Promise.all(busy.map((r) => r.idle())).then(() => true as const), expired]);
+        if (!idle) return false;
+      }
+      return true;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   private forgetIdle(): void {

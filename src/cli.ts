@@ -70,9 +70,7 @@ function reportFailure(err: unknown): number {
 
 async function serve(config: string): Promise<number> {
   const { App } = await import('./app');
-  const { watchForReload } = await import('./config/watch');
   let app: Awaited<ReturnType<typeof App.start>> | undefined;
-  let stopWatching = (): void => undefined;
   let finish!: (code: number) => void;
   const finished = new Promise<number>((resolve) => (finish = resolve));
   // Signals are handled from the first moment: one that arrives while the app is still starting is
@@ -87,7 +85,6 @@ async function serve(config: string): Promise<number> {
     stopSignal = signal;
     if (!app) return;
     app.logger.info({ signal }, 'signal received');
-    stopWatching();
     app.close().then(() => finish(0), () => finish(1));
   };
   process.on('SIGINT', () => stop('SIGINT'));
@@ -98,11 +95,11 @@ async function serve(config: string): Promise<number> {
   });
 
   try {
+    // The App watches the config and its selectors for changes itself (hot reload).
     app = await App.start({ configPath: config });
   } catch (err) {
     return reportFailure(err);
   }
-  stopWatching = watchForReload(app);
   if (stopSignal) {
     const signal = stopSignal;
     stopSignal = undefined;

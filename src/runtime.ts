@@ -78,6 +78,8 @@ function letGo(resource: DownstreamPool | SelectorSandbox): boolean {
 
 export class Runtime {
   private inFlight = 0;
+  /** Waiting for inFlight to reach 0 (see idle()). */
+  private idleWaiters: (() => void)[] = [];
   private retired = false;
   private released = false;
 
@@ -200,8 +202,16 @@ export class Runtime {
       if (released) return;
       released = true;
       this.inFlight--;
-      if (this.inFlight === 0 && this.retired) this.closeLeftovers();
+      if (this.inFlight > 0) return;
+      for (const resolve of this.idleWaiters.splice(0)) resolve();
+      if (this.retired) this.closeLeftovers();
     };
+  }
+
+  /** Resolves when no message is in flight on this Runtime (at once when none is). */
+  idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /**

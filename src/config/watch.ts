@@ -1,12 +1,13 @@
-// Hot reload: watches the config file and every selector it references, and asks the App to reload
-// when their content changes. It watches the folders, not the files, because editors replace a file by
-// renaming a temp file over it and Kubernetes swaps a `..data` symlink: a watch on the old inode would
-// see neither. What triggers a reload is a change of content (a fingerprint of every watched file), so a
-// burst of events for one save is one reload, and a poll catches what inotify misses (some bind mounts).
+// Hot reload's eyes: watches a set of files and calls back when their content changes; the callback
+// (the App's reload) answers with the files to watch from then on. It knows nothing of what the files
+// mean, so it imports nothing of the app. It watches the folders, not the files, because editors
+// replace a file by renaming a temp file over it and Kubernetes swaps a `..data` symlink: a watch on the
+// old inode would see neither. What triggers a callback is a change of content (a fingerprint of every
+// watched file), so a burst of events for one save is one reload, and a poll catches what inotify
+// misses (some bind mounts).
 import { createHash } from 'node:crypto';
 import { watch, promises as fs, type FSWatcher } from 'node:fs';
 import path from 'node:path';
-import type { App } from '../app';
 
 export interface WatchOptions {
   /** Quiet time after the last event before looking (an editor's save is several events). */
@@ -32,7 +33,13 @@ async function fingerprint(files: readonly string[]): Promise<{ print: string; m
   return { print: hash.digest('hex'), missing };
 }
 
-export class ReloadWatcher {
+/**
+ * Called when the watched content changed (`reason` says how); resolves with the files to watch from
+ * now on (a reload may name new selectors).
+ */
+export type OnChange = (reason: string) => Promise<readonly string[]>;
+
+export class FileWatcher {
   private watchers = new Map<string, FSWatcher>();
   private files: readonly string[] = [];
   private lastPrint = '';
@@ -45,24 +52,28 @@ export class ReloadWatcher {
   private events = 0;
 
   constructor(
-    private readonly app: App,
+    initialFiles: readonly string[],
+    private readonly onChange: OnChange,
     private readonly options: WatchOptions = {},
-  ) {}
+  ) {
+    this.files = [...initialFiles];
+  }
 
   async start(): Promise<void> {
-    this.files = this.app.watchedFiles();
     this.lastPrint = (await fingerprint(this.files)).print;
     this.arm();
     this.poller = setInterval(() => this.schedule(0), this.options.pollMs ?? 2000);
     this.poller.unref();
   }
 
-  stop(): void {
+  /** Stops watching; resolves when a check that was running (and its callback) has finished. */
+  async stop(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
     clearInterval(this.poller);
     for (const watcher of this.watchers.values()) watcher.close();
     this.watchers.clear();
+    await this.checking;
   }
 
   /** Watches the folder of every watched file; folders no longer needed are let go. */
@@ -119,9 +130,9 @@ export class ReloadWatcher {
     this.missingSince = undefined;
     this.lastPrint = print;
     const eventsBefore = this.events;
-    const result = await this.app.reload(missing.length > 0 ? `file missing: ${missing.join(', ')}` : 'file changed');
+    const files = await this.onChange(missing.length > 0 ? `file missing: ${missing.join(', ')}` : 'file changed');
+    if (this.stopped) return;
     // The files to watch may have changed: new selectors, or the ones a failed config names.
-    const files = result.files;
     if (files.join('\0') !== this.files.join('\0')) {
       const before = this.files;
       this.files = files;
@@ -135,11 +146,4 @@ export class ReloadWatcher {
       if (changedMeanwhile) this.schedule(this.options.debounceMs ?? 200);
     }
   }
-}
-
-/** Starts watching; the returned function stops. */
-export function watchForReload(app: App, options?: WatchOptions): () => void {
-  const watcher = new ReloadWatcher(app, options);
-  void watcher.start();
-  return () => watcher.stop();
 }

@@ -45,6 +45,7 @@ export async function startProxy(files: Record<string, string>, options: { env?:
     logger,
     tmpDir: dir,
     shutdownGraceMs: 5000,
+    watch: false,
   });
   return {
     app,

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { SMTPServer } from 'smtp-server';
 import { App } from '../../src/app';
-import { ReloadWatcher, type WatchOptions } from '../../src/config/watch';
+import type { WatchOptions } from '../../src/config/watch';
 import { createLogger } from '../../src/observe/logger';
 import { listenOnLoopback, subjectOf } from './downstream';
 
@@ -19,7 +19,6 @@ export interface WatchedProxy {
   readonly port: number;
   readonly dir: string;
   readonly logs: LogLine[];
-  readonly watcher: ReloadWatcher | undefined;
   stop(): Promise<void>;
 }
 
@@ -29,7 +28,7 @@ export function tempDir(prefix = 'smtpmux-reload-'): string {
 
 /**
  * Starts an App on `<dir>/config.yaml` (the caller lays out the folder first) with its log captured,
- * and a ReloadWatcher unless `watch` is false. No SMTPMUX_PORT override: the config's listen.port is used.
+ * and the App's own watcher (with short test timings) unless `watch` is false. No SMTPMUX_PORT override: the config's listen.port is used.
  */
 export async function startWatched(
   dir: string,
@@ -60,20 +59,14 @@ export async function startWatched(
     logger: createLogger({ level: 'debug', destination }),
     tmpDir: spill,
     shutdownGraceMs: 5000,
+    watch: options.watch === false ? false : { debounceMs: 100, pollMs: 500, missingGraceMs: 300, ...(options.watch ?? {}) },
   });
-  let watcher: ReloadWatcher | undefined;
-  if (options.watch !== false) {
-    watcher = new ReloadWatcher(app, { debounceMs: 100, pollMs: 500, missingGraceMs: 300, ...(options.watch ?? {}) });
-    await watcher.start();
-  }
   return {
     app,
     port: app.port,
     dir,
     logs,
-    watcher,
     async stop() {
-      watcher?.stop();
       await app.close();
       rmSync(dir, { recursive: true, force: true });
       rmSync(spill, { recursive: true, force: true });
