@@ -1,14 +1,14 @@
 // The inbound SMTP server: one handler per protocol verb (onAuth, onMailFrom, onData), as RFC 5321
 // reads. Every transaction takes the current Runtime when its DATA starts and keeps it to the end.
 import { randomBytes } from 'node:crypto';
-import { SMTPServer, type SMTPServerSession, type SMTPServerDataStream } from 'smtp-server';
+import type { SMTPServer, SMTPServerSession, SMTPServerDataStream } from 'smtp-server';
 import { SmtpMuxError } from '../errors';
 import { MessageBody } from '../message/body';
 import { summarize } from '../message/summary';
 import type { Logger } from '../observe/logger';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
-import { keepOwnEnhancedCodes } from './replies';
+import { CatalogueSMTPServer } from './replies';
 
 export interface InboundDeps {
   /** The Runtime new transactions use; it changes on reload. */
@@ -34,9 +34,8 @@ export function newMessageId(): string {
 }
 
 export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPServer {
-  keepOwnEnhancedCodes();
   const { logger } = deps;
-  const server: SMTPServer = new SMTPServer({
+  const server: SMTPServer = new CatalogueSMTPServer({
     name: initial.config.hostname,
     banner: 'SMTP Mux',
     size: initial.config.maxMessageSize,
