@@ -2,9 +2,8 @@
 // instance), says so, and goes back to the shared limits when Redis returns, handing it what it did meanwhile.
 import { Writable } from 'node:stream';
 import { createLogger } from '../src/observe/logger';
-import { FallbackStateStore } from '../src/state/fallback';
-import { RedisStateStore } from '../src/state/redis';
-import { StateTypeError } from '../src/state/store';
+import { createStateStore } from '../src/state/create';
+import { StateTypeError, type StateStore } from '../src/state/store';
 import { freePort, startRedis, type RedisServer } from './support/redis';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -28,12 +27,14 @@ async function until(check: () => boolean | Promise<boolean>, ms: number, what: 
   }
 }
 
-const stores: FallbackStateStore[] = [];
+const stores: StateStore[] = [];
 const servers: RedisServer[] = [];
 
-function fallbackFor(url: string, timeoutMs = 300) {
+/** The store as the App makes it (started: it waited for Redis up to a second), with a quick probe. */
+async function fallbackFor(url: string, options: { timeoutMs?: number } = {}) {
   const { logger, lines } = capture();
-  const store = new FallbackStateStore(RedisStateStore.create({ url, prefix: 'fb:', timeoutMs }), logger, { minProbeMs: 50, maxProbeMs: 400 });
+  const timeoutMs = options.timeoutMs ?? 300;
+  const store = await createStateStore({ redis: url, prefix: 'fb:', timeoutMs }, logger, { minProbeMs: 50, maxProbeMs: 400 });
   stores.push(store);
   return { store, lines };
 }
@@ -45,8 +46,7 @@ afterAll(async () => {
 
 test('a store started while Redis is away serves locally, and turns shared when Redis comes up', async () => {
   const port = await freePort();
-  const { store, lines } = fallbackFor(`redis://127.0.0.1:${port}`);
-  await store.start(300);
+  const { store, lines } = await fallbackFor(`redis://127.0.0.1:${port}`);
   expect(store.status()).toMatchObject({ backend: 'redis', shared: false, degraded: true });
   expect(await store.incr('rr', 1)).toBe(1);
   expect(store.status().localOperations).toBe(1);
@@ -55,8 +55,7 @@ test('a store started while Redis is away serves locally, and turns shared when 
   const redis = await startRedis();
   servers.push(redis);
   // A second store on the new server's port: the first one's port was only reserved, not served.
-  const second = fallbackFor(redis.url);
-  await second.store.start(5000);
+  const second = await fallbackFor(redis.url);
   expect(second.store.status()).toMatchObject({ shared: true, degraded: false, since: null });
   expect(await second.store.incr('rr', 1)).toBe(1);
 });
@@ -64,16 +63,17 @@ test('a store started while Redis is away serves locally, and turns shared when 
 test('Redis killed mid-use: quota goes on locally counting what this instance sent, and is written back when Redis returns', async () => {
   const redis = await startRedis();
   servers.push(redis);
-  const { store, lines } = fallbackFor(redis.url);
-  const other = fallbackFor(redis.url).store;
-  await store.start(5000);
-  await other.start(5000);
+  const { store, lines } = await fallbackFor(redis.url);
+  const other = (await fallbackFor(redis.url)).store;
+  expect(store.status().degraded).toBe(false);
   const window = 60_000;
   // This instance sends 2, another 2: the shared window holds 4 of 5.
   for (const id of ['a1', 'a2']) expect((await store.reserveQuota('ds:x', id, 1, 5, window)).ok).toBe(true);
   for (const id of ['b1', 'b2']) expect((await other.reserveQuota('ds:x', id, 1, 5, window)).ok).toBe(true);
 
   await redis.kill();
+  // The lost connection alone turns it degraded, before any call (so an idle instance's status is true).
+  await until(() => store.status().degraded && other.status().degraded, 5000, 'both stores to see the connection drop');
   // Per instance now: this one remembers its own 2, so 3 more fit here, not 5.
   const local = await Promise.all(['c1', 'c2', 'c3', 'c4'].map((id) => store.reserveQuota('ds:x', id, 1, 5, window)));
   expect(local.map((g) => g.ok)).toEqual([true, true, true, false]);
@@ -101,8 +101,7 @@ test('Redis killed mid-use: quota goes on locally counting what this instance se
 test('a hung Redis (SIGSTOP) costs one call its deadline, then calls go local at once until it answers again', async () => {
   const redis = await startRedis();
   servers.push(redis);
-  const { store } = fallbackFor(redis.url, 200);
-  await store.start(5000);
+  const { store } = await fallbackFor(redis.url, { timeoutMs: 200 });
   await store.set('k', '"shared"');
   redis.pause();
   try {
@@ -123,8 +122,7 @@ test('a hung Redis (SIGSTOP) costs one call its deadline, then calls go local at
 test("a script's own refusal (incr on text) is the caller's error, not an outage", async () => {
   const redis = await startRedis();
   servers.push(redis);
-  const { store } = fallbackFor(redis.url);
-  await store.start(5000);
+  const { store } = await fallbackFor(redis.url);
   await store.set('t', '"text"');
   await expect(store.incr('t', 1)).rejects.toBeInstanceOf(StateTypeError);
   expect(store.status()).toMatchObject({ degraded: false, localOperations: 0 });

@@ -2,22 +2,24 @@
 // when `state.redis` is set. The one place that imports a backend; everything else sees a StateStore.
 import type { StateConfig } from '../config/load';
 import type { Logger } from '../observe/logger';
-import { FallbackStateStore } from './fallback';
+import { FallbackStateStore, type FallbackOptions } from './fallback';
 import { MemoryStateStore } from './memory';
 import { RedisStateStore } from './redis';
 import type { StateStore } from './store';
 
 /** Creates the store; with Redis, waits at most one call deadline for the first connection, then starts degraded. */
-export async function createStateStore(config: StateConfig, logger: Logger): Promise<StateStore> {
+export async function createStateStore(config: StateConfig, logger: Logger, fallback?: FallbackOptions): Promise<StateStore> {
   if (!config.redis) return new MemoryStateStore();
   let lastError = '';
+  let store: FallbackStateStore | undefined;
   const redis = RedisStateStore.create({ url: config.redis, prefix: config.prefix, timeoutMs: config.timeoutMs }, (err) => {
+    store?.connectionLost(err.message);
     // The client retries with backoff on its own; log each distinct failure once, not once per retry.
     if (err.message === lastError) return;
     lastError = err.message;
     logger.debug({ err: err.message }, 'state: Redis connection error');
   });
-  const store = new FallbackStateStore(redis, logger);
+  store = new FallbackStateStore(redis, logger, fallback);
   await store.start(Math.max(config.timeoutMs, 1000));
   if (!store.status().degraded) logger.info({ server: describeServer(config.redis), prefix: config.prefix }, 'state: shared on Redis');
   return store;

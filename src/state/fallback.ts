@@ -152,6 +152,11 @@ export class FallbackStateStore implements StateStore {
     return op(this.local);
   }
 
+  /** The client saw its connection fail: turn degraded now, not at the next call (status stays true when idle). */
+  connectionLost(reason: string): void {
+    this.degrade(reason);
+  }
+
   /** A script's own error (a value that is not an integer) is the caller's; anything else means Redis is not usable now. */
   private failed(err: unknown): void {
     if (err instanceof StateTypeError) throw err;
