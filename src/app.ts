@@ -1,16 +1,18 @@
 // The App: start-up is the first reload, shutdown the last. Everything that opens a resource is a part
 // of one lifecycle (src/lifecycle.ts), started in order and closed in reverse: the config watcher stops,
 // the SMTP listener stops accepting and lets in-flight messages finish, then pools and isolates close.
+import { EventEmitter } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
-import { loadConfig, ConfigError, type Env } from './config/load';
+import { loadConfig, insecureListenerWarning, plaintextPasswordWarning, ConfigError, type Config, type Env } from './config/load';
 import { FileWatcher, type WatchOptions } from './config/watch';
 import { SmtpMuxError } from './errors';
 import { Lifecycle, type Part } from './lifecycle';
 import { createLogger, type Logger } from './observe/logger';
 import { Runtime, RuntimeBuildError } from './runtime';
-import { createInboundServer } from './smtp/server';
+import { ConnectionGuard } from './smtp/guard';
+import { createInboundServer, tlsOptions, type InboundDeps } from './smtp/server';
 import { createStateStore } from './state/create';
 import type { StateStore } from './state/store';
 
@@ -40,8 +42,14 @@ export class App {
   private readonly live = new Set<Runtime>();
   /** Selectors named by the last config that parsed, good or not, so fixing them triggers a reload. */
   private attemptedSelectors: readonly string[] = [];
+  /** The listener (STARTTLS when tls is set) and, with tls.implicit, the implicit-TLS one. */
   private readonly server: SMTPServer;
+  private readonly implicitServer: SMTPServer | undefined;
   private readonly lifecycle: Lifecycle;
+  /** Security events for metrics: auth_failure, auth_success, connection_refused (see InboundDeps.events). */
+  readonly events = new EventEmitter();
+  /** The open connections of both listeners: limits, login timeout, sessions to end on rotation. */
+  private readonly guard = new ConnectionGuard();
 
   private constructor(
     private readonly options: AppOptions,
@@ -51,8 +59,18 @@ export class App {
     readonly state: StateStore,
   ) {
     this.live.add(current);
-    this.server = createInboundServer({ current: () => this.current, logger, closing: () => this.closing, tmpDir: options.tmpDir }, current);
-    this.server.on('error', (err) => logger.error({ err: err.message }, 'SMTP server error'));
+    const deps: InboundDeps = {
+      current: () => this.current,
+      logger,
+      closing: () => this.closing,
+      tmpDir: options.tmpDir,
+      state,
+      guard: this.guard,
+      events: this.events,
+    };
+    this.server = createInboundServer(deps, current);
+    this.implicitServer = current.config.tls?.implicit ? createInboundServer(deps, current, { implicitTls: true }) : undefined;
+    for (const server of this.servers) server.on('error', (err) => logger.error({ err: err.message }, 'SMTP server error'));
     this.lifecycle = new Lifecycle((part, err) => logger.error({ part: part.name, err: String((err as Error)?.message ?? err) }, 'failed to close'));
   }
 
@@ -105,24 +123,59 @@ export class App {
     const app = new App(options, logger, runtime, state);
     await app.lifecycle.start(app.parts());
     for (const warning of config.warnings) logger.warn({ config: config.file }, warning);
-    if (!config.allowInsecureAuth) {
-      logger.warn('allow_insecure_auth is off and TLS is not configured: clients cannot log in until allow_insecure_auth: true (or USE_INSECURE_AUTH=true)');
+    const plaintext = plaintextPasswordWarning(config);
+    if (plaintext) logger.warn({ config: config.file }, plaintext);
+    app.warnIfInsecure(config);
+    if (config.tls && !config.tls.certFile) {
+      logger.warn('tls: serving a self-signed certificate made at start-up (selfsigned: true): clients must be told not to verify it; name cert and key for real use');
+    }
+    if (!config.allowInsecureAuth && !config.tls) {
+      logger.warn('allow_insecure_auth is off and TLS is not configured: clients cannot log in until tls is configured or allow_insecure_auth: true (or USE_INSECURE_AUTH=true)');
     }
     logger.info(
-      { host: config.listen.host, port: app.port, config: config.file, users: runtime.userEmails.length, ms: Date.now() - started },
+      {
+        host: config.listen.host,
+        port: app.port,
+        tls: config.tls ? (app.implicitServer ? 'starttls+implicit' : 'starttls') : 'off',
+        implicitTlsPort: app.implicitPort,
+        config: config.file,
+        users: runtime.userEmails.length,
+        ms: Date.now() - started,
+      },
       'SMTP Mux listening',
     );
     return app;
+  }
+
+  private get servers(): SMTPServer[] {
+    return this.implicitServer ? [this.server, this.implicitServer] : [this.server];
+  }
+
+  private warnIfInsecure(config: Config): void {
+    const warning = insecureListenerWarning(config);
+    if (warning) this.logger.error({ config: config.file }, warning);
   }
 
   get port(): number {
     return (this.server.server.address() as AddressInfo).port;
   }
 
-  /** The config file and every selector the running and the last attempted config name. */
+  /** The implicit-TLS listener's port, when tls.implicit is configured. */
+  get implicitPort(): number | undefined {
+    return this.implicitServer ? (this.implicitServer.server.address() as AddressInfo).port : undefined;
+  }
+
+  /** Open inbound connections (both listeners). */
+  get connections(): number {
+    return this.guard.size;
+  }
+
+  /** The config file, the TLS certificate and key, and every selector the running and the last attempted config name. */
   watchedFiles(): string[] {
-    const selectors = [...this.current.config.users.map((u) => u.selectorPath), ...this.attemptedSelectors];
-    return [...new Set([path.resolve(this.options.configPath), ...selectors])].sort();
+    const { config } = this.current;
+    const selectors = [...config.users.map((u) => u.selectorPath), ...this.attemptedSelectors];
+    const tls = [config.tls?.certFile, config.tls?.keyFile].filter((f): f is string => f !== undefined);
+    return [...new Set([path.resolve(this.options.configPath), ...tls, ...selectors])].sort();
   }
 
   /**
@@ -144,12 +197,21 @@ export class App {
       const { runtime, changes } = await Runtime.build(config, this.current);
       const previous = this.current;
       this.current = runtime;
-      // smtp-server advertises SIZE and checks MAIL FROM's SIZE= from its options: keep them in step.
-      (this.server.options as { size?: number }).size = config.maxMessageSize;
+      for (const server of this.servers) {
+        // smtp-server advertises SIZE and checks MAIL FROM's SIZE= from its options: keep them in step.
+        (server.options as { size?: number }).size = config.maxMessageSize;
+        // A renewed certificate serves new connections (and STARTTLS) from now on; open ones keep theirs.
+        const [before, after] = [previous.config.tls?.material, config.tls?.material];
+        if (before && after && (before.cert !== after.cert || before.key !== after.key)) server.updateSecureContext(tlsOptions(after));
+      }
       this.live.add(runtime);
       previous.retire();
       this.forgetIdle();
+      // Sessions that logged in as a user who is gone or whose password changed end now.
+      const ended = this.guard.endStale((login) => runtime.user(login.user)?.password.id === login.passwordId);
+      if (ended > 0) this.logger.info({ sessions: ended }, 'closed sessions whose login was changed or removed');
       for (const warning of config.warnings) this.logger.warn({ config: config.file }, warning);
+      this.warnIfInsecure(config);
       if (changes.needsRestart.length > 0) this.logger.warn({ settings: changes.needsRestart }, 'these settings change only after a restart');
       this.logger.info({ reason, ...changes, ms: Date.now() - started }, 'reloaded');
       return { ok: true, problems: [], files: this.watchedFiles() };
@@ -174,27 +236,40 @@ export class App {
     return this.closed;
   }
 
-  private listen(): Promise<void> {
-    const { host, port } = this.current.config.listen;
-    return new Promise<void>((resolve, reject) => {
-      this.server.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.server.off('error', reject);
-        resolve();
+  /** Starts the listener and, with tls.implicit, the implicit-TLS one (a failure closes the first again). */
+  private async listen(): Promise<void> {
+    const { config } = this.current;
+    const listenOn = (server: SMTPServer, { host, port }: { host: string; port: number }): Promise<void> =>
+      new Promise<void>((resolve, reject) => {
+        server.server.once('error', reject);
+        server.listen(port, host, () => {
+          server.server.off('error', reject);
+          resolve();
+        });
       });
-    });
+    await listenOn(this.server, config.listen);
+    if (this.implicitServer && config.tls?.implicit) {
+      try {
+        await listenOn(this.implicitServer, config.tls.implicit);
+      } catch (err) {
+        await new Promise<void>((resolve) => this.server.close(() => resolve()));
+        throw err;
+      }
+    }
   }
 
   /** Stops accepting, waits for in-flight messages (up to the grace period), then closes the connections left. */
   private async closeListener(): Promise<void> {
-    const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const serversClosed = Promise.all(this.servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
     const drained = await this.drain(this.options.shutdownGraceMs ?? 30_000);
     if (!drained) this.logger.warn('messages still in flight after the shutdown grace period: closing their connections');
-    for (const connection of this.server.connections) {
-      connection.send(421, new SmtpMuxError('SMTPMUX_SHUTTING_DOWN').message);
-      connection.close();
+    for (const server of this.servers) {
+      for (const connection of server.connections) {
+        connection.send(421, new SmtpMuxError('SMTPMUX_SHUTTING_DOWN').message);
+        connection.close();
+      }
     }
-    await serverClosed;
+    await serversClosed;
   }
 
   /** Resolves true once no Runtime has a message in flight, false when `graceMs` passed first. */

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The command line: `smtpmux serve | check | try | health`. isolated-vm needs --no-node-snapshot, so
+// The command line: `smtpmux serve | check | try | health | hash-password | tls`. isolated-vm needs --no-node-snapshot, so
 // when it is missing the CLI replaces itself with a node that has it, before loading anything else.
 import { parseArgs } from 'node:util';
 
@@ -21,6 +21,8 @@ Commands:
   check     validate the config and compile every selector
   try       dry-run a user's selector with a made-up message (nothing is delivered)
   health    exit 0 when the proxy answers on its SMTP port (for container health checks)
+  hash-password          read a password from stdin (no echo on a terminal), print its argon2id hash
+  tls selfsigned DIR     write a self-signed certificate and key for a test setup into DIR
 
 Options:
   -c, --config PATH   config file (default: $SMTPMUX_CONFIG or config/config.yaml)
@@ -34,6 +36,9 @@ async function main(): Promise<number> {
     if (command === 'try') {
       const { TRY_USAGE } = await import('./try');
       console.log(TRY_USAGE);
+    } else if (command === 'tls') {
+      const { TLS_USAGE } = await import('./cli/tls');
+      console.log(TLS_USAGE);
     } else console.log(USAGE);
     return 0;
   }
@@ -48,6 +53,14 @@ async function main(): Promise<number> {
       return check(configPath());
     case 'health':
       return health(configPath());
+    case 'hash-password': {
+      const { runHashPassword } = await import('./cli/hash-password');
+      return runHashPassword();
+    }
+    case 'tls': {
+      const { runTls } = await import('./cli/tls');
+      return runTls(argv);
+    }
     case 'try': {
       const { runTry } = await import('./try');
       return runTry(argv);
@@ -115,7 +128,8 @@ async function check(config: string): Promise<number> {
     const loaded = await loadConfig(config);
     const { runtime } = await Runtime.build(loaded);
     runtime.retire();
-    for (const warning of loaded.warnings) console.log(`warning: ${warning}`);
+    const { insecureListenerWarning, plaintextPasswordWarning } = await import('./config/load');
+    for (const warning of [...loaded.warnings, plaintextPasswordWarning(loaded), insecureListenerWarning(loaded)]) if (warning) console.log(`warning: ${warning}`);
     const downstreams = loaded.users.reduce((n, u) => n + u.downstreams.length, 0);
     console.log(`${loaded.file}: OK (${loaded.users.length} user(s), ${downstreams} downstream(s), ${runtime.sandboxes.size} selector(s) compiled)`);
     return 0;

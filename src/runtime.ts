@@ -2,9 +2,10 @@
 // compiled selector and the downstream pools. A reload builds a complete new Runtime off to the side
 // and swaps one reference; pools and selectors that did not change are carried over, and the old
 // Runtime closes what was not carried once its last in-flight message is done.
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { storedPassword, type StoredPassword } from './auth/password';
 import { ConfigError, type Config, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/delivery';
@@ -24,7 +25,8 @@ export interface UserRuntime {
   readonly downstreams: readonly DownstreamView[];
   /** By name and by addr. */
   readonly targets: ReadonlyMap<string, UserTarget>;
-  readonly passwordDigest: Buffer;
+  /** The stored password; its `id` changes when the password does (sessions compare it to end with it). */
+  readonly password: StoredPassword;
 }
 
 export interface RuntimeChanges {
@@ -163,7 +165,7 @@ export class Runtime {
           selector,
           downstreams: Object.freeze(views),
           targets,
-          passwordDigest: digest(user.password),
+          password: storedPassword(user.password),
         });
       }
     }
@@ -178,12 +180,10 @@ export class Runtime {
     return { runtime, changes: describeChanges(previous, runtime, compiled) };
   }
 
-  /** The user these credentials log in as, compared in constant time. */
-  authenticate(username: string, password: string): UserRuntime | undefined {
+  /** The user these credentials log in as, or undefined; a hashed password is verified off the event loop. */
+  async authenticate(username: string, password: string): Promise<UserRuntime | undefined> {
     const user = this.users.get(username.toLowerCase());
-    const given = digest(password);
-    const ok = user !== undefined && timingSafeEqual(given, user.passwordDigest);
-    return ok ? user : undefined;
+    return user && (await user.password.verify(password)) ? user : undefined;
   }
 
   user(email: string): UserRuntime | undefined {
@@ -245,6 +245,10 @@ function describeChanges(previous: Runtime | undefined, next: Runtime, compiled:
     if (a.host !== b.host || a.port !== b.port) needsRestart.push(`listen (${a.host}:${a.port} → ${b.host}:${b.port})`);
     if (previous.config.hostname !== next.config.hostname) needsRestart.push('hostname (in the greeting to clients; downstreams see the new one)');
     if (JSON.stringify(previous.config.state) !== JSON.stringify(next.config.state)) needsRestart.push('state (the state store is created once, at start)');
+    const [t, u] = [previous.config.tls, next.config.tls];
+    if (!t !== !u) needsRestart.push(u ? 'tls (STARTTLS is offered only after a restart)' : 'tls (removing it takes a restart; the certificate keeps serving until then)');
+    if (JSON.stringify(t?.implicit) !== JSON.stringify(u?.implicit)) needsRestart.push('tls.implicit (the implicit-TLS listener)');
+    if (previous.config.proxyProtocol !== next.config.proxyProtocol) needsRestart.push('proxy_protocol');
   }
   return {
     usersAdded: [...after.keys()].filter((k) => !before.has(k)),

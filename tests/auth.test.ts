@@ -5,9 +5,16 @@ import { testConfig } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer, swaks } from './support/clients';
 import { connectRaw, plainAuth } from './support/raw';
-import { AUTH_FAILURE_DELAY_MS } from '../src/smtp/server';
+import { LOGIN_PENALTY_DEFAULTS } from '../src/config/schema';
 
-const EXTRA = { max_message_size: '200KB', limits: { selector_timeout_ms: 1000, selector_memory_mb: 32 } };
+const AUTH_FAILURE_DELAY_MS = LOGIN_PENALTY_DEFAULTS.failure_delay_ms;
+
+// Penalties start late here: this file's tests fail a few logins on purpose and time the answers.
+const EXTRA = {
+  max_message_size: '200KB',
+  login_penalty: { free_failures: 20, lockout_failures: 40 },
+  limits: { selector_timeout_ms: 1000, selector_memory_mb: 32 },
+};
 
 describe('inbound authentication and limits', () => {
   let ds: Downstream;

@@ -4,6 +4,10 @@
 import { promises as fs, constants as fsConstants } from 'node:fs';
 import path from 'node:path';
 import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
+import { isIP } from 'node:net';
+import { createSecureContext } from 'node:tls';
+import { classifyPassword, looksLikeBrokenHash } from '../auth/password';
+import type { PenaltySettings } from '../auth/penalty';
 import { configSchema, type TlsMode } from './schema';
 
 export interface DownstreamConfig {
@@ -45,9 +49,46 @@ export interface Config {
   readonly limits: { readonly selectorTimeoutMs: number; readonly selectorMemoryMb: number; readonly maxSends: number };
   readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly attemptTimeoutMs: number; readonly maxConnections: number };
   readonly state: StateConfig;
+  /** Inbound TLS: STARTTLS on the listener, and an implicit-TLS listener when `implicit` is set. */
+  readonly tls?: TlsConfig;
+  readonly proxyProtocol: boolean;
+  readonly maxConnections: number;
+  readonly maxConnectionsPerAddress: number;
+  /** A connection not logged in by then is closed. */
+  readonly authTimeoutMs: number;
+  readonly maxRecipients: number;
+  readonly loginPenalty: PenaltySettings;
   readonly users: readonly UserConfig[];
+  /** Users whose password is stored in plaintext (warned about at start-up). */
+  readonly plaintextPasswords: readonly string[];
   /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
   readonly warnings: readonly string[];
+}
+
+export interface TlsConfig {
+  readonly certFile: string;
+  readonly keyFile: string;
+  readonly implicit?: { readonly host: string; readonly port: number };
+  /** The PEM text as read when the config was loaded: a reload reads it again. */
+  readonly material: { readonly cert: string; readonly key: string };
+}
+
+/** TLS 1.2 and newer only, on every inbound listener. */
+export const INBOUND_TLS_MIN_VERSION = 'TLSv1.2';
+
+/** The start-up warning for users whose password is stored in plaintext; undefined when there are none. */
+export function plaintextPasswordWarning(config: Config): string | undefined {
+  if (config.plaintextPasswords.length === 0) return undefined;
+  return `plaintext password for ${config.plaintextPasswords.join(', ')}: store an argon2id hash instead (smtpmux hash-password) or a bcrypt one (htpasswd -nbB)`;
+}
+
+/** Where a listener accepts plaintext logins from more than this machine without TLS: worth an error at every start and reload. */
+export function insecureListenerWarning(config: Config): string | undefined {
+  if (!config.allowInsecureAuth || config.tls) return undefined;
+  const host = config.listen.host;
+  const loopback = host === 'localhost' || host === '::1' || (isIP(host) === 4 && host.startsWith('127.'));
+  if (loopback) return undefined;
+  return `INSECURE: listening on ${host}:${config.listen.port} with allow_insecure_auth and no tls: passwords cross the network in the clear. Configure tls (smtpmux tls selfsigned DIR for a test setup) or listen on 127.0.0.1 only`;
 }
 
 export class ConfigError extends Error {
@@ -71,23 +112,45 @@ function formatKey(keys: readonly PathKey[]): string {
   return keys.reduce<string>((out, key) => (typeof key === 'number' ? `${out}[${key}]` : out ? `${out}.${key}` : key), '') || '(top level)';
 }
 
+/** A value that came from the environment: error messages name the variable, never the value. */
+interface FromEnv {
+  readonly keys: readonly PathKey[];
+  readonly name: string;
+  readonly value: string;
+}
+
 /** Replaces ${VAR} and ${VAR:-default} in every string value; $${ stays a literal ${. */
-function substituteEnv(value: unknown, env: Env, keys: PathKey[], problems: string[], file: string, lineOf: (k: PathKey[]) => string): unknown {
+function substituteEnv(value: unknown, env: Env, keys: PathKey[], problems: string[], file: string, lineOf: (k: PathKey[]) => string, fromEnv: FromEnv[]): unknown {
   if (typeof value === 'string') {
     return value.replace(/\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g, (whole, escaped, name: string, fallback?: string) => {
       if (escaped) return whole.slice(1);
       const found = env[name];
-      if (found !== undefined && found !== '') return found;
+      if (found !== undefined && found !== '') {
+        fromEnv.push({ keys, name, value: found });
+        return found;
+      }
       if (fallback !== undefined) return fallback;
       problems.push(`${file}:${formatKey(keys)}: environment variable ${name} is not set${lineOf(keys)}`);
       return '';
     });
   }
-  if (Array.isArray(value)) return value.map((item, i) => substituteEnv(item, env, [...keys, i], problems, file, lineOf));
+  if (Array.isArray(value)) return value.map((item, i) => substituteEnv(item, env, [...keys, i], problems, file, lineOf, fromEnv));
   if (value && typeof value === 'object') {
-    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, substituteEnv(v, env, [...keys, k], problems, file, lineOf)]));
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, substituteEnv(v, env, [...keys, k], problems, file, lineOf, fromEnv)]));
   }
   return value;
+}
+
+/** The message with every value that came from the environment under `keys` replaced by its ${NAME}. */
+function withoutEnvValues(message: string, keys: readonly PathKey[], fromEnv: readonly FromEnv[]): string {
+  let out = message;
+  for (const entry of fromEnv) {
+    if (!keys.every((k, i) => entry.keys[i] === k)) continue;
+    for (const form of new Set([JSON.stringify(entry.value).slice(1, -1), entry.value])) {
+      if (form) out = out.split(form).join(`\${${entry.name}}`);
+    }
+  }
+  return out;
 }
 
 function lineFinder(doc: Document, lines: LineCounter): (keys: PathKey[]) => string {
@@ -151,7 +214,8 @@ export async function parseConfig(text: string, file: string, env: Env = process
   }
   const lineOf = lineFinder(doc, lines);
   const problems: string[] = [];
-  const raw = substituteEnv(doc.toJS() ?? {}, env, [], problems, shown, lineOf) as Record<string, unknown>;
+  const fromEnv: FromEnv[] = [];
+  const raw = substituteEnv(doc.toJS() ?? {}, env, [], problems, shown, lineOf, fromEnv) as Record<string, unknown>;
 
   // Environment overrides users know from the original and from container platforms.
   if (env.SMTPMUX_PORT) raw.listen = { ...(raw.listen as object), port: env.SMTPMUX_PORT };
@@ -162,7 +226,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
   if (!parsed.success) {
     for (const issue of parsed.error.issues) {
       const keys = issue.path.filter((k): k is PathKey => typeof k !== 'symbol');
-      problems.push(`${shown}:${formatKey(keys)}: ${issue.message}${lineOf(keys)}`);
+      problems.push(`${shown}:${formatKey(keys)}: ${withoutEnvValues(issue.message, keys, fromEnv)}${lineOf(keys)}`);
     }
   }
   // Selector files are looked up even when the schema found problems, so one run lists them all.
@@ -176,12 +240,21 @@ export async function parseConfig(text: string, file: string, env: Env = process
     const found = await resolveSelector(given, configDir);
     if (found.file) selectors[i] = { file: found.file, legacy: found.legacy, given, key };
     else if (found.notJs) problems.push(`${shown}:users[${i}].${key}: ${found.notJs} is not a JavaScript file; selectors are .js files (see the bundled selectors/)${lineOf(['users', i, key])}`);
-    else problems.push(`${shown}:users[${i}].${key}: selector "${given}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
+    else problems.push(`${shown}:users[${i}].${key}: selector "${withoutEnvValues(given, ['users', i, key], fromEnv)}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
+  }
+  const tls = parsed.success && parsed.data.tls ? await readTls(parsed.data.tls, configDir, shown, lineOf, problems) : undefined;
+  if (parsed.success) {
+    parsed.data.users.forEach((user, i) => {
+      if (looksLikeBrokenHash(user.password)) {
+        problems.push(`${shown}:users[${i}].password: looks like a password hash but is not a valid argon2id or bcrypt one (truncated, or quoting lost a "$"?); it would be taken as a plaintext password${lineOf(['users', i, 'password'])}`);
+      }
+    });
   }
   if (!parsed.success || problems.length > 0) throw new ConfigError(shown, problems);
 
   const data = parsed.data;
   const warnings: string[] = [];
+  const plaintextPasswords = data.users.filter((u) => classifyPassword(u.password).scheme === 'plain').map((u) => u.email);
   const users: UserConfig[] = [];
   for (const [i, user] of data.users.entries()) {
     const found = selectors[i];
@@ -230,9 +303,57 @@ export async function parseConfig(text: string, file: string, env: Env = process
       maxConnections: data.delivery.max_connections,
     }),
     state: Object.freeze({ redis: data.state.redis, prefix: data.state.prefix, timeoutMs: data.state.timeout_ms }),
+    tls,
+    proxyProtocol: data.proxy_protocol,
+    maxConnections: data.max_connections,
+    maxConnectionsPerAddress: data.max_connections_per_address,
+    authTimeoutMs: data.auth_timeout_ms,
+    maxRecipients: data.max_recipients,
+    loginPenalty: Object.freeze({
+      failureDelayMs: data.login_penalty.failure_delay_ms,
+      freeFailures: data.login_penalty.free_failures,
+      maxDelayMs: data.login_penalty.max_delay_ms,
+      lockoutFailures: data.login_penalty.lockout_failures,
+      windowMs: data.login_penalty.window_ms,
+    }),
     users: Object.freeze(users),
+    plaintextPasswords: Object.freeze(plaintextPasswords),
     warnings: Object.freeze(warnings),
   });
+}
+
+/** Reads the certificate and key named by `tls:` and checks that they make a usable pair. */
+async function readTls(
+  given: { cert: string; key: string; implicit?: { host: string; port: number } },
+  configDir: string,
+  shown: string,
+  lineOf: (k: PathKey[]) => string,
+  problems: string[],
+): Promise<TlsConfig | undefined> {
+  const certFile = path.resolve(configDir, given.cert);
+  const keyFile = path.resolve(configDir, given.key);
+  const read = async (file: string, key: 'cert' | 'key'): Promise<string | undefined> => {
+    try {
+      return await fs.readFile(file, 'utf8');
+    } catch (err) {
+      problems.push(`${shown}:tls.${key}: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? String(err)})${lineOf(['tls', key])}`);
+      return undefined;
+    }
+  };
+  const [cert, key] = await Promise.all([read(certFile, 'cert'), read(keyFile, 'key')]);
+  if (cert === undefined || key === undefined) return undefined;
+  try {
+    createSecureContext({ cert, key, minVersion: INBOUND_TLS_MIN_VERSION });
+  } catch (err) {
+    // OpenSSL's reason ("key values mismatch", "no start line"), never the file's content.
+    const reason = String((err as Error).message ?? err).split('\n')[0];
+    problems.push(`${shown}:tls: ${certFile} and ${keyFile} are not a usable certificate and key (${reason})${lineOf(['tls'])}`);
+    return undefined;
+  }
+  const tls = { certFile, keyFile, implicit: given.implicit ? Object.freeze({ ...given.implicit }) : undefined } as TlsConfig;
+  // Not enumerable: a config printed or serialised by mistake does not carry the private key along.
+  Object.defineProperty(tls, 'material', { value: Object.freeze({ cert, key }), enumerable: false });
+  return Object.freeze(tls);
 }
 
 export async function loadConfig(file: string, env: Env = process.env): Promise<Config> {

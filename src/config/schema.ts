@@ -23,6 +23,8 @@ const port = z.coerce.number().int().min(0).max(65535);
 
 const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d{1,5}$/, 'must be host:port, e.g. "smtp.example.com:587"');
 
+export const LOGIN_PENALTY_DEFAULTS = { failure_delay_ms: 1000, free_failures: 3, max_delay_ms: 30_000, lockout_failures: 10, window_ms: 900_000 };
+
 export const TLS_MODES = ['auto', 'none', 'starttls', 'tls'] as const;
 
 export const downstreamSchema = z
@@ -102,6 +104,29 @@ export const configSchema = z
       })
       .strict()
       .default({ prefix: 'smtpmux:', timeout_ms: 500 }),
+    tls: z
+      .object({
+        cert: z.string().min(1, 'name the certificate file (PEM, full chain)'),
+        key: z.string().min(1, 'name the private key file (PEM)'),
+        implicit: z.object({ host: z.string().min(1).default('0.0.0.0'), port: port.default(465) }).strict().optional(),
+      })
+      .strict()
+      .optional(),
+    proxy_protocol: z.boolean().default(false),
+    max_connections: z.number().int().min(1).max(100_000).default(200),
+    max_connections_per_address: z.number().int().min(1).max(100_000).default(20),
+    auth_timeout_ms: z.number().int().min(100).max(3_600_000).default(30_000),
+    max_recipients: z.number().int().min(1).max(100_000).default(100),
+    login_penalty: z
+      .object({
+        failure_delay_ms: z.number().int().min(0).max(60_000).default(LOGIN_PENALTY_DEFAULTS.failure_delay_ms),
+        free_failures: z.number().int().min(0).max(1000).default(LOGIN_PENALTY_DEFAULTS.free_failures),
+        max_delay_ms: z.number().int().min(0).max(600_000).default(LOGIN_PENALTY_DEFAULTS.max_delay_ms),
+        lockout_failures: z.number().int().min(1).max(100_000).default(LOGIN_PENALTY_DEFAULTS.lockout_failures),
+        window_ms: z.number().int().min(100).max(86_400_000).default(LOGIN_PENALTY_DEFAULTS.window_ms),
+      })
+      .strict()
+      .default(LOGIN_PENALTY_DEFAULTS),
     users: z.array(userSchema).min(1, 'list at least one user'),
   })
   .strict()

@@ -1,13 +1,20 @@
-// The inbound SMTP server: one handler per protocol verb (onAuth, onMailFrom, onData), as RFC 5321
-// reads. Every transaction takes the current Runtime when its DATA starts and keeps it to the end.
+// The inbound SMTP server: one handler per protocol verb (onConnect, onAuth, onMailFrom, onRcptTo,
+// onData, onClose), as RFC 5321 reads. Every transaction takes the current Runtime when its DATA starts
+// and keeps it to the end. The STARTTLS listener and the implicit-TLS one are two servers with the same
+// handlers and one ConnectionGuard.
 import { randomBytes } from 'node:crypto';
-import type { SMTPServer, SMTPServerSession, SMTPServerDataStream } from 'smtp-server';
-import { SmtpMuxError } from '../errors';
+import type { EventEmitter } from 'node:events';
+import type { SMTPServer, SMTPServerOptions, SMTPServerSession, SMTPServerDataStream } from 'smtp-server';
+import { LoginPenalties, loginHash } from '../auth/penalty';
+import { INBOUND_TLS_MIN_VERSION } from '../config/load';
+import { SmtpMuxError, type ErrorCode } from '../errors';
 import { MessageBody } from '../message/body';
 import { summarize } from '../message/summary';
 import type { Logger } from '../observe/logger';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
+import type { StateStore } from '../state/store';
+import { ConnectionGuard } from './guard';
 import { CatalogueSMTPServer } from './replies';
 
 export interface InboundDeps {
@@ -18,10 +25,24 @@ export interface InboundDeps {
   closing(): boolean;
   /** Where large bodies spill (default: the OS temp dir). */
   readonly tmpDir?: string;
+  /** Login-failure counters (shared by every listener, and by every instance when the store is shared). */
+  readonly state: StateStore;
+  /** The open connections of every listener. */
+  readonly guard: ConnectionGuard;
+  /**
+   * Where security events go, for metrics: 'auth_failure' ({ reason, remote }), 'auth_success' ({ remote }),
+   * 'connection_refused' ({ reason, remote }), with reason an error code such as SMTPMUX_AUTH_FAILED.
+   */
+  readonly events?: EventEmitter;
 }
 
-/** How long a failed login waits for its 535. */
-export const AUTH_FAILURE_DELAY_MS = 1000;
+export interface ListenerOptions {
+  /** Implicit TLS (port 465 style) instead of STARTTLS. */
+  readonly implicitTls?: boolean;
+}
+
+/** Failed AUTHs one connection may make: the last is answered 421 and the connection closed. */
+export const AUTH_FAILURES_PER_CONNECTION = 3;
 
 /** Random once per process, so ids from two instances (or a restart within a millisecond) differ. */
 const INSTANCE = randomBytes(3).toString('hex');
@@ -33,8 +54,22 @@ export function newMessageId(): string {
   return `${Date.now().toString(36)}${sequence.toString(36).padStart(3, '0')}${INSTANCE}`.toUpperCase();
 }
 
-export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPServer {
-  const { logger } = deps;
+/** smtp-server's TLS options for our certificate: TLS 1.2 and newer only. */
+export function tlsOptions(material: { cert: string; key: string }): Pick<SMTPServerOptions, 'cert' | 'key' | 'minVersion'> {
+  return { cert: material.cert, key: material.key, minVersion: INBOUND_TLS_MIN_VERSION };
+}
+
+const sleepUntil = (at: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.max(0, at - Date.now())));
+
+export function createInboundServer(deps: InboundDeps, initial: Runtime, listener: ListenerOptions = {}): SMTPServer {
+  const { logger, guard } = deps;
+  const penalties = new LoginPenalties(deps.state, () => deps.current().config.loginPenalty);
+  const tls = initial.config.tls;
+  const refuse = (code: ErrorCode, session: SMTPServerSession, event: string, callback: (err?: Error | null) => void): void => {
+    deps.events?.emit(event, { reason: code, remote: session.remoteAddress });
+    callback(new SmtpMuxError(code));
+  };
+
   const server: SMTPServer = new CatalogueSMTPServer({
     name: initial.config.hostname,
     banner: 'SMTP Mux',
@@ -44,31 +79,69 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
     authRequiredMessage: new SmtpMuxError('SMTPMUX_AUTH_REQUIRED').message,
     // We check plaintext AUTH ourselves (onAuth) so allow_insecure_auth follows a reload.
     allowInsecureAuth: true,
-    hideSTARTTLS: true,
+    // Without our own certificate smtp-server would offer STARTTLS with its built-in one: never.
+    ...(tls ? { ...tlsOptions(tls.material), hideSTARTTLS: false } : { hideSTARTTLS: true, disabledCommands: ['STARTTLS'] }),
+    secure: Boolean(listener.implicitTls && tls),
+    useProxy: initial.config.proxyProtocol,
     hideENHANCEDSTATUSCODES: false,
     disableReverseLookup: true,
     logger: false,
 
-    onAuth(auth, session, callback) {
-      const runtime = deps.current();
-      const username = auth.username ?? '';
-      if (!session.secure && !runtime.config.allowInsecureAuth) {
-        return callback(new SmtpMuxError('SMTPMUX_AUTH_INSECURE'));
+    onConnect(session, callback) {
+      const { config } = deps.current();
+      const connection = [...server.connections].find((c) => c.session === session);
+      if (!connection) return callback(new SmtpMuxError('SMTPMUX_INTERNAL'));
+      const admitted = guard.admit(session, connection, {
+        maxConnections: config.maxConnections,
+        maxPerAddress: config.maxConnectionsPerAddress,
+        authTimeoutMs: config.authTimeoutMs,
+      });
+      if (!admitted.ok) {
+        logger.warn({ remote: session.remoteAddress, open: guard.size, fromAddress: guard.from(session.remoteAddress), code: admitted.code }, 'connection refused');
+        return refuse(admitted.code, session, 'connection_refused', callback);
       }
-      const user = runtime.authenticate(username, auth.password ?? '');
-      if (!user) {
-        logger.warn({ login: username.slice(0, 200), remote: session.remoteAddress, method: auth.method }, 'authentication failed');
-        // A pause before the refusal makes guessing passwords slow, and smtp-server drops a connection
-        // after ten unauthenticated commands, so one connection cannot try many.
-        setTimeout(() => callback(new SmtpMuxError('SMTPMUX_AUTH_FAILED')), AUTH_FAILURE_DELAY_MS);
-        return;
-      }
-      callback(null, { user: user.email });
+      penalties.lockedOut(session.remoteAddress).then(
+        (locked) => {
+          if (!locked) return callback();
+          logger.warn({ remote: session.remoteAddress }, 'connection refused: too many failed logins from this address');
+          refuse('SMTPMUX_ADDRESS_LOCKED', session, 'connection_refused', callback);
+        },
+        // The store is down: admit, the per-connection limit still holds.
+        (err: Error) => {
+          logger.error({ err: err.message }, 'login penalties unavailable');
+          callback();
+        },
+      );
     },
 
-    onMailFrom(_address, _session, callback) {
+    onAuth(auth, session, callback) {
+      authenticate(auth.username ?? '', auth.password ?? '', auth.method, session).then(
+        (user) => callback(null, { user }),
+        (err: Error) => {
+          if (err instanceof SmtpMuxError) return callback(err);
+          logger.error({ err: String(err?.stack ?? err) }, 'unexpected error during login');
+          callback(new SmtpMuxError('SMTPMUX_INTERNAL'));
+        },
+      );
+    },
+
+    onMailFrom(_address, session, callback) {
       if (deps.closing()) return callback(new SmtpMuxError('SMTPMUX_SHUTTING_DOWN'));
+      if (!loginHolds(session)) return callback(new SmtpMuxError('SMTPMUX_LOGIN_CHANGED'));
       callback();
+    },
+
+    onRcptTo(address, session, callback) {
+      const max = deps.current().config.maxRecipients;
+      const rcpts = session.envelope.rcptTo;
+      // smtp-server replaces a repeated recipient instead of adding it: that one does not count.
+      const repeated = rcpts.some((r) => r.address.toLowerCase() === address.address.toLowerCase());
+      if (rcpts.length >= max && !repeated) return callback(new SmtpMuxError('SMTPMUX_TOO_MANY_RECIPIENTS', `at most ${max}`));
+      callback();
+    },
+
+    onClose(session) {
+      guard.closed(session);
     },
 
     onData(stream, session, callback) {
@@ -106,6 +179,8 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
       // (A message whose DATA began before shutdown is in flight: it is delivered, not turned away.)
       const user = runtime.user(String(session.user ?? ''));
       if (!user) throw new SmtpMuxError('SMTPMUX_USER_GONE');
+      // A password rotated since this session logged in: the old password no longer sends anything.
+      if (guard.login(session)?.passwordId !== user.password.id) throw new SmtpMuxError('SMTPMUX_LOGIN_CHANGED');
 
       const envelope = {
         from: session.envelope.mailFrom ? session.envelope.mailFrom.address : '',
@@ -126,6 +201,53 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime): SMTPSe
       await body?.dispose();
       release();
     }
+  }
+
+  /** True while the user this session logged in as exists with the same password. */
+  function loginHolds(session: SMTPServerSession): boolean {
+    const login = guard.login(session);
+    return login !== undefined && deps.current().user(login.user)?.password.id === login.passwordId;
+  }
+
+  /**
+   * One AUTH: refused on plaintext unless allowed, refused when the address is locked out, else the
+   * password is checked and the answer waits out the penalty (success and failure alike while penalised).
+   * Resolves with the configured email; rejects with the SmtpMuxError to answer.
+   */
+  async function authenticate(username: string, password: string, method: string, session: SMTPServerSession): Promise<string> {
+    const started = Date.now();
+    const runtime = deps.current();
+    const { config } = runtime;
+    const remote = session.remoteAddress;
+    if (!session.secure && !config.allowInsecureAuth) {
+      deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_INSECURE', remote });
+      throw new SmtpMuxError('SMTPMUX_AUTH_INSECURE');
+    }
+    const attempt = await penalties.begin(remote, username);
+    if (attempt.kind === 'locked') {
+      logger.warn({ remote, method }, 'login refused: too many failed logins from this address');
+      deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_LOCKED', remote });
+      throw new SmtpMuxError('SMTPMUX_AUTH_LOCKED');
+    }
+    const user = await runtime.authenticate(username, password);
+    if (user) {
+      await penalties.succeeded(remote);
+      await sleepUntil(started + attempt.waitMs);
+      guard.loggedIn(session, { user: user.email.toLowerCase(), passwordId: user.password.id });
+      deps.events?.emit('auth_success', { remote });
+      return user.email;
+    }
+    await penalties.failed(username);
+    const failures = guard.failedLogin(session);
+    // A login that is not configured is logged as a short hash: it may be a password typed in the wrong field.
+    const known = runtime.user(username);
+    logger.warn(
+      { ...(known ? { login: known.email } : { loginHash: loginHash(username) }), remote, method, waitMs: attempt.waitMs || undefined },
+      'authentication failed',
+    );
+    deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_FAILED', remote });
+    await sleepUntil(started + Math.max(attempt.waitMs, config.loginPenalty.failureDelayMs));
+    throw new SmtpMuxError(failures >= AUTH_FAILURES_PER_CONNECTION ? 'SMTPMUX_AUTH_TOO_MANY_FAILURES' : 'SMTPMUX_AUTH_FAILED');
   }
 
   return server;

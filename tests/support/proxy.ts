@@ -4,6 +4,7 @@ import { mkdtempSync, writeFileSync, rmSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
+import type { WatchOptions } from '../../src/config/watch';
 import { App } from '../../src/app';
 import { createLogger } from '../../src/observe/logger';
 
@@ -19,7 +20,8 @@ export interface RunningProxy {
   stop(): Promise<void>;
 }
 
-export async function startProxy(files: Record<string, string>, options: { env?: Record<string, string> } = {}): Promise<RunningProxy> {
+/** `watch`: the App's own file watcher with these options (default: off, tests reload by hand). */
+export async function startProxy(files: Record<string, string>, options: { env?: Record<string, string>; watch?: WatchOptions } = {}): Promise<RunningProxy> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-test-'));
   const write = (name: string, text: string): string => {
     const file = path.join(dir, name);
@@ -45,7 +47,7 @@ export async function startProxy(files: Record<string, string>, options: { env?:
     logger,
     tmpDir: dir,
     shutdownGraceMs: 5000,
-    watch: false,
+    watch: options.watch ?? false,
   });
   return {
     app,

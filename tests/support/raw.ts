@@ -22,8 +22,9 @@ export interface RawSmtp {
   close(): void;
 }
 
-export async function connectRaw(port: number, timeoutMs = 15_000): Promise<RawSmtp> {
-  const socket = net.connect({ host: '127.0.0.1', port });
+/** `localAddress` picks the client's source address (127.0.0.2 is another client on loopback). */
+export async function connectRaw(port: number, timeoutMs = 15_000, options: { localAddress?: string } = {}): Promise<RawSmtp> {
+  const socket = net.connect({ host: '127.0.0.1', port, localAddress: options.localAddress });
   socket.setNoDelay(true);
   let buffered = '';
   let waiting: { resolve: (r: Reply) => void; reject: (e: Error) => void } | undefined;
