@@ -4,7 +4,7 @@
 // (the Go original's configs), compared in constant time.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
-import bcrypt from 'bcryptjs';
+import { bcryptVerify } from './bcrypt-pool';
 
 export type PasswordScheme = 'plain' | 'argon2id' | 'bcrypt';
 
@@ -12,7 +12,7 @@ export interface StoredPassword {
   readonly scheme: PasswordScheme;
   /** A fingerprint of the stored value (never the value): changes when the password is rotated. */
   readonly id: string;
-  /** True when `given` is the password. Hashes are verified off the event loop (argon2) or in yielding chunks (bcrypt). */
+  /** True when `given` is the password. Hashes are verified off the event loop (argon2 on libuv's pool, bcrypt on worker threads). */
   verify(given: string): Promise<boolean>;
 }
 
@@ -48,7 +48,7 @@ export function storedPassword(stored: string): StoredPassword {
       return { scheme, id, verify: (given) => argon2Verify(hash, given).catch(() => false) };
     case 'bcrypt':
       // bcrypt reads at most 72 bytes; bcryptjs treats $2y$ as $2b$ (they are the same algorithm).
-      return { scheme, id, verify: (given) => bcrypt.compare(given, hash).catch(() => false) };
+      return { scheme, id, verify: (given) => bcryptVerify(given, hash) };
     default: {
       const digest = sha256(hash);
       return { scheme, id, verify: async (given) => timingSafeEqual(sha256(given), digest) };
