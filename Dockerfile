@@ -4,7 +4,11 @@
 # steps outside Docker in CI, so keep to plain WORKDIR / COPY / RUN / ENV lines it understands.
 #
 #   docker build -t smtpmux .
-#   docker run -p 2525:2525 -v "$PWD/config/compose:/app/config:ro" -e USE_INSECURE_AUTH=true smtpmux
+#   docker run -p 2525:2525 -v "$PWD/config/compose:/app/config:ro" smtpmux
+#
+# The image listens on 0.0.0.0: configure tls (cert and key, or selfsigned: true to try it out) so
+# passwords never cross the network in the clear; SMTP Mux logs an error at every start while a
+# non-loopback listener allows AUTH without TLS.
 #
 # Config: /app/config/config.yaml (mount a folder at /app/config). Selectors named in it are looked up
 # beside it, then in /app/config/selectors/, then in the bundled library at /app/selectors.

@@ -210,14 +210,14 @@ function banner({ smtpHost, smtpPort, inboxes, configFile, selectorFile, notes }
   const server = `${host}:${smtpPort}`;
   const rule = '-'.repeat(78);
   const swaks =
-    `swaks --to hello@smtpmux.what --from curious@user.com --server ${server} -a PLAIN ` +
+    `swaks --to hello@smtpmux.what --from curious@user.com --server ${server} --tls -a PLAIN ` +
     `--auth-user ${LOGIN.user} --auth-password ${LOGIN.pass} --body "hello user"`;
   const lines = [
     '',
     rule,
     ' SMTP Mux demo is running',
     rule,
-    ` SMTP Mux   ${server}   (log in with AUTH PLAIN as ${LOGIN.user} / ${LOGIN.pass}, no TLS)`,
+    ` SMTP Mux   ${server}   (STARTTLS with a self-signed certificate, then AUTH PLAIN as ${LOGIN.user} / ${LOGIN.pass})`,
     ...inboxes.map((inbox, i) => ` Inbox ${i + 1}    ${inbox.webUrl}   (MailDev "${inbox.name}", SMTP on 127.0.0.1:${inbox.smtpPort})`),
     '',
     ' Edit these and save: SMTP Mux reloads them while it runs.',

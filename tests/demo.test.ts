@@ -92,12 +92,13 @@ describe('npm run demo', () => {
     expect(ready.config).toBe(path.join(dir, 'config.yaml'));
     expect(ready.selector).toBe(path.join(dir, 'selector.js'));
     expect(output).toContain('swaks');
+    expect(output).toMatch(/swaks .*--tls/);
     for (const box of ready.inboxes) expect(output).toContain(box.webUrl);
   });
 
   test('swaks through the demo lands mail alternately in the two inboxes, then an edited selector reroutes it live', async () => {
     for (let i = 0; i < 4; i++) {
-      const sent = await swaks(ready.smtp.port, ['--header', `Subject: demo ${i}`]);
+      const sent = await swaks(ready.smtp.port, ['--tls', '--header', `Subject: demo ${i}`]);
       expect(sent.code).toBe(0);
     }
     const [first, second] = ready.inboxes;
@@ -111,7 +112,7 @@ describe('npm run demo', () => {
     const source = readFileSync(ready.selector, 'utf8');
     writeFileSync(ready.selector, `${source}\nfunction select() { return '${second.name}'; }\n`);
     await waitFor('the reload', () => (/"msg":"reloaded"/.test(output) ? true : undefined));
-    for (let i = 0; i < 3; i++) expect((await swaks(ready.smtp.port, ['--header', `Subject: after edit ${i}`])).code).toBe(0);
+    for (let i = 0; i < 3; i++) expect((await swaks(ready.smtp.port, ['--tls', '--header', `Subject: after edit ${i}`])).code).toBe(0);
     const after = await waitFor('three more messages in the second inbox', async () => {
       const subjects = (await inbox(second.webUrl)).map((m) => m.subject);
       return subjects.filter((s) => s.startsWith('after edit')).length === 3 ? subjects : undefined;

@@ -2,14 +2,17 @@
 // STARTTLS, and a certificate replaced on disk served to new connections without a restart (seen by
 // openssl s_client).
 import { X509Certificate } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { insecureListenerWarning, parseConfig } from '../src/config/load';
 import { selfSigned } from '../src/tls/selfsigned';
 import { startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { run, swaks } from './support/clients';
 import { connectRaw, plainAuth } from './support/raw';
+import { runCli } from './support/cli';
 
 /** The certificate a new connection is shown, as openssl s_client sees it. */
 async function servedCertificate(port: number, mode: 'starttls' | 'implicit'): Promise<X509Certificate> {
@@ -112,5 +115,44 @@ describe('inbound TLS', () => {
     expect(result.code).toBe(0);
     // A failed attempt in between names the files, never the key.
     expect(proxy.logText()).not.toContain(second.key.split('\n')[1]);
+  });
+});
+
+describe('TLS set-up helpers', () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-tls-'));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  test('smtpmux tls selfsigned DIR writes a certificate openssl reads and a private key only its owner reads; it does not overwrite', async () => {
+    const made = await runCli(['tls', 'selfsigned', dir, '--name', 'mx.example.test', '--name', '127.0.0.1', '--days', '10']);
+    expect(made.stdout).toMatch(/tls:\n  cert: .*fullchain\.pem\n  key: .*privkey\.pem/);
+    expect(made.code).toBe(0);
+    expect(statSync(path.join(dir, 'privkey.pem')).mode & 0o777).toBe(0o600);
+    const text = await run('openssl', ['x509', '-in', path.join(dir, 'fullchain.pem'), '-noout', '-text']);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toMatch(/DNS:mx\.example\.test, IP Address:127\.0\.0\.1/);
+    const pair = await run('openssl', ['pkey', '-in', path.join(dir, 'privkey.pem'), '-pubout']);
+    expect(pair.stdout).toBe((await run('openssl', ['x509', '-in', path.join(dir, 'fullchain.pem'), '-noout', '-pubkey'])).stdout);
+    const before = readFileSync(path.join(dir, 'privkey.pem'), 'utf8');
+    const again = await runCli(['tls', 'selfsigned', dir]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/exists; use --force/);
+    expect(readFileSync(path.join(dir, 'privkey.pem'), 'utf8')).toBe(before);
+  });
+
+  test('a listener beyond loopback with allow_insecure_auth and no tls is called INSECURE (smtpmux check says so too); with tls it is not', async () => {
+    const spec = { selector: 'round-robin.js', downstreams: [{ addr: '127.0.0.1:25' }], listen: { host: '0.0.0.0', port: 2525 } };
+    const file = path.join(dir, 'open.yaml');
+    writeFileSync(file, testConfig(spec));
+    const open = await parseConfig(testConfig(spec), file, {});
+    expect(insecureListenerWarning(open)).toMatch(/^INSECURE: listening on 0\.0\.0\.0:2525 with allow_insecure_auth and no tls/);
+    const check = await runCli(['check', '--config', file]);
+    expect(check.stdout).toMatch(/warning: INSECURE/);
+    const withTls = await parseConfig(testConfig({ ...spec, tls: { selfsigned: true } }), file, {});
+    expect(insecureListenerWarning(withTls)).toBeUndefined();
+    const loopback = await parseConfig(testConfig({ ...spec, listen: { host: '127.0.0.1', port: 2525 } }), file, {});
+    expect(insecureListenerWarning(loopback)).toBeUndefined();
   });
 });

@@ -2,12 +2,14 @@
 // Every problem is collected and reported as `file:key: what is wrong (line N)`; nothing here throws
 // anything but a ConfigError.
 import { promises as fs, constants as fsConstants } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
 import { isIP } from 'node:net';
 import { createSecureContext } from 'node:tls';
 import { classifyPassword, looksLikeBrokenHash } from '../auth/password';
 import type { PenaltySettings } from '../auth/penalty';
+import { selfSigned } from '../tls/selfsigned';
 import { configSchema, type TlsMode } from './schema';
 
 export interface DownstreamConfig {
@@ -66,8 +68,9 @@ export interface Config {
 }
 
 export interface TlsConfig {
-  readonly certFile: string;
-  readonly keyFile: string;
+  /** Undefined with `selfsigned: true`: the pair is made in memory at start-up and kept until exit. */
+  readonly certFile?: string;
+  readonly keyFile?: string;
   readonly implicit?: { readonly host: string; readonly port: number };
   /** The PEM text as read when the config was loaded: a reload reads it again. */
   readonly material: { readonly cert: string; readonly key: string };
@@ -242,7 +245,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
     else if (found.notJs) problems.push(`${shown}:users[${i}].${key}: ${found.notJs} is not a JavaScript file; selectors are .js files (see the bundled selectors/)${lineOf(['users', i, key])}`);
     else problems.push(`${shown}:users[${i}].${key}: selector "${withoutEnvValues(given, ['users', i, key], fromEnv)}" not found (looked beside the config, in selectors/ and in the bundled library)${lineOf(['users', i, key])}`);
   }
-  const tls = parsed.success && parsed.data.tls ? await readTls(parsed.data.tls, configDir, shown, lineOf, problems) : undefined;
+  const tls = parsed.success && parsed.data.tls ? await readTls(parsed.data.tls, parsed.data.hostname, configDir, shown, lineOf, problems) : undefined;
   if (parsed.success) {
     parsed.data.users.forEach((user, i) => {
       if (looksLikeBrokenHash(user.password)) {
@@ -322,14 +325,25 @@ export async function parseConfig(text: string, file: string, env: Env = process
   });
 }
 
+/** The pair `selfsigned: true` serves: made once per process, so a reload keeps the same certificate. */
+let generated: { cert: string; key: string } | undefined;
+
 /** Reads the certificate and key named by `tls:` and checks that they make a usable pair. */
 async function readTls(
-  given: { cert: string; key: string; implicit?: { host: string; port: number } },
+  given: { cert?: string; key?: string; selfsigned: boolean; implicit?: { host: string; port: number } },
+  hostname: string | undefined,
   configDir: string,
   shown: string,
   lineOf: (k: PathKey[]) => string,
   problems: string[],
 ): Promise<TlsConfig | undefined> {
+  const implicit = given.implicit ? Object.freeze({ ...given.implicit }) : undefined;
+  if (given.selfsigned || !given.cert || !given.key) {
+    generated ??= selfSigned([...new Set([hostname ?? os.hostname(), 'localhost', '127.0.0.1', '::1'])], 3650);
+    const tls = { implicit } as TlsConfig;
+    Object.defineProperty(tls, 'material', { value: Object.freeze({ cert: generated.cert, key: generated.key }), enumerable: false });
+    return Object.freeze(tls);
+  }
   const certFile = path.resolve(configDir, given.cert);
   const keyFile = path.resolve(configDir, given.key);
   const read = async (file: string, key: 'cert' | 'key'): Promise<string | undefined> => {
@@ -350,7 +364,7 @@ async function readTls(
     problems.push(`${shown}:tls: ${certFile} and ${keyFile} are not a usable certificate and key (${reason})${lineOf(['tls'])}`);
     return undefined;
   }
-  const tls = { certFile, keyFile, implicit: given.implicit ? Object.freeze({ ...given.implicit }) : undefined } as TlsConfig;
+  const tls = { certFile, keyFile, implicit } as TlsConfig;
   // Not enumerable: a config printed or serialised by mistake does not carry the private key along.
   Object.defineProperty(tls, 'material', { value: Object.freeze({ cert, key }), enumerable: false });
   return Object.freeze(tls);

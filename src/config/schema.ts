@@ -106,11 +106,18 @@ export const configSchema = z
       .default({ prefix: 'smtpmux:', timeout_ms: 500 }),
     tls: z
       .object({
-        cert: z.string().min(1, 'name the certificate file (PEM, full chain)'),
-        key: z.string().min(1, 'name the private key file (PEM)'),
+        cert: z.string().min(1, 'name the certificate file (PEM, full chain)').optional(),
+        key: z.string().min(1, 'name the private key file (PEM)').optional(),
+        selfsigned: z.boolean().default(false),
         implicit: z.object({ host: z.string().min(1).default('0.0.0.0'), port: port.default(465) }).strict().optional(),
       })
       .strict()
+      .superRefine((tls, ctx) => {
+        if (tls.selfsigned && (tls.cert || tls.key)) ctx.addIssue({ code: 'custom', message: 'give cert and key, or selfsigned: true, not both' });
+        else if (!tls.selfsigned && !(tls.cert && tls.key)) {
+          ctx.addIssue({ code: 'custom', message: 'give cert and key (PEM files), or selfsigned: true for a test setup', path: [tls.cert ? 'key' : 'cert'] });
+        }
+      })
       .optional(),
     proxy_protocol: z.boolean().default(false),
     max_connections: z.number().int().min(1).max(100_000).default(200),

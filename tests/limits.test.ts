@@ -1,0 +1,152 @@
+// Connection and transaction limits with real sockets: recipients per message (452 past 100), an idle
+// connection flood capped overall and per client address (421), connections that never log in closed,
+// and a password rotation that ends the sessions logged in with the old password.
+import { startDownstream, type Downstream } from './support/downstream';
+import { testConfig, TEST_LIMITS } from './support/config';
+import { startProxy, type RunningProxy } from './support/proxy';
+import { swaks } from './support/clients';
+import { connectRaw, plainAuth, type RawSmtp } from './support/raw';
+
+describe('recipients per message', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    // max_recipients is left at its default, 100.
+    proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ name: 'only', addr: ds.addr }], ...TEST_LIMITS }) });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  test('the 101st recipient gets 452 4.5.3, a repeated one does not count, and the message goes to the first 100', async () => {
+    const smtp = await connectRaw(proxy.port);
+    try {
+      await smtp.command('EHLO client.example');
+      expect((await smtp.command(`AUTH PLAIN ${plainAuth('test@user.com', 'password123')}`)).code).toBe(235);
+      expect((await smtp.command('MAIL FROM:<app@example.com>')).code).toBe(250);
+      for (let i = 1; i <= 100; i++) expect((await smtp.command(`RCPT TO:<rcpt${i}@example.org>`)).code).toBe(250);
+      const extra = await smtp.command('RCPT TO:<rcpt101@example.org>');
+      expect(extra.text).toMatch(/^452 4\.5\.3 Too many recipients/);
+      expect((await smtp.command('RCPT TO:<RCPT7@example.org>')).code).toBe(250);
+      expect((await smtp.command('DATA')).code).toBe(354);
+      expect((await smtp.sendData('Subject: many\r\n\r\nhello\r\n.\r\n')).code).toBe(250);
+    } finally {
+      smtp.close();
+    }
+    expect(ds.received).toHaveLength(1);
+    expect(ds.received[0].to).toHaveLength(100);
+  });
+});
+
+describe('connection limits', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+  const open: RawSmtp[] = [];
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    proxy = await startProxy({
+      'config.yaml': testConfig({
+        selector: 'round-robin.js',
+        downstreams: [{ name: 'only', addr: ds.addr }],
+        ...TEST_LIMITS,
+        max_connections: 6,
+        max_connections_per_address: 4,
+        auth_timeout_ms: 1500,
+      }),
+    });
+  });
+  afterAll(async () => {
+    for (const smtp of open) smtp.close();
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  test('an idle-connection flood is capped per address and overall with 421 4.7.0; idle ones are closed after auth_timeout_ms', async () => {
+    const connect = async (from: string): Promise<number> => {
+      const smtp = await connectRaw(proxy.port, 15_000, { localAddress: from });
+      open.push(smtp);
+      return smtp.greeting.code;
+    };
+    const fromFirst = [];
+    for (let i = 0; i < 6; i++) fromFirst.push(await connect('127.0.0.1'));
+    expect(fromFirst).toEqual([220, 220, 220, 220, 421, 421]);
+    expect(open[4].greeting.text).toMatch(/^421 4\.7\.0 Too many connections from your address/);
+    expect([await connect('127.0.0.2'), await connect('127.0.0.2')]).toEqual([220, 220]);
+    // Six open: a third address is turned away too.
+    expect(await connect('127.0.0.3')).toBe(421);
+    expect(open[8].greeting.text).toMatch(/^421 4\.7\.0 Too many connections; /);
+
+    // None of the six logs in: each is closed with 421 once auth_timeout_ms has passed.
+    const idle = open.filter((s) => s.greeting.code === 220);
+    await new Promise((r) => setTimeout(r, 1700));
+    for (const smtp of idle) {
+      const reply = await smtp.command('NOOP').catch((e: Error) => e);
+      expect(reply instanceof Error ? reply.message : reply.text).toMatch(/^421 4\.7\.0 No login in time|closed/);
+    }
+    expect(proxy.app.connections).toBe(0);
+    const result = await swaks(proxy.port, ['--header', 'Subject: after the flood']);
+    expect(result.code).toBe(0);
+  });
+});
+
+describe('sessions end with their password', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+  const config = (password: string): string =>
+    testConfig({
+      ...TEST_LIMITS,
+      users: [
+        { email: 'test@user.com', password, selector: 'round-robin.js', downstreams: [{ name: 'only', addr: ds.addr }] },
+        { email: 'other@user.com', password: 'other-pass', selector: 'round-robin.js', downstreams: [{ name: 'only', addr: ds.addr }] },
+      ],
+    });
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    proxy = await startProxy({ 'config.yaml': config('password123') });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  test('a password rotation closes the open idle session, refuses the message of one mid-transaction, and leaves other users alone', async () => {
+    const login = async (user: string, pass: string): Promise<RawSmtp> => {
+      const smtp = await connectRaw(proxy.port);
+      await smtp.command('EHLO client.example');
+      expect((await smtp.command(`AUTH PLAIN ${plainAuth(user, pass)}`)).code).toBe(235);
+      return smtp;
+    };
+    const idle = await login('test@user.com', 'password123');
+    const midway = await login('test@user.com', 'password123');
+    const other = await login('other@user.com', 'other-pass');
+    try {
+      expect((await midway.command('MAIL FROM:<app@example.com>')).code).toBe(250);
+      expect((await midway.command('RCPT TO:<rcpt@example.org>')).code).toBe(250);
+
+      proxy.write('config.yaml', config('rotated-password-456'));
+      expect((await proxy.app.reload('test')).ok).toBe(true);
+
+      // The idle session was told and closed.
+      const told = await idle.command('NOOP').catch((e: Error) => e);
+      expect(told instanceof Error ? told.message : told.text).toMatch(/^421 4\.7\.0 Your login was changed|closed/);
+      // The one inside a transaction does not get its message through with the old password.
+      expect((await midway.command('DATA')).code).toBe(354);
+      const data = await midway.sendData('Subject: after rotation\r\n\r\nold password\r\n.\r\n');
+      expect(data.text).toMatch(/^421 4\.7\.0 Your login was changed/);
+      // Another user's session carries on.
+      expect((await other.sendMessage({ body: 'Subject: other user\r\n\r\nstill here\r\n' })).code).toBe(250);
+    } finally {
+      for (const s of [idle, midway, other]) s.close();
+    }
+    expect(ds.received.map((m) => m.raw.toString())).toEqual([expect.stringContaining('still here')]);
+    expect(proxy.logs.some((l) => l.msg === 'closed sessions whose login was changed or removed')).toBe(true);
+    // The new password works, the old one does not.
+    expect((await swaks(proxy.port, ['--auth-password', 'rotated-password-456'])).code).toBe(0);
+    expect((await swaks(proxy.port)).stdout).toMatch(/535 /);
+  });
+});
