@@ -63,6 +63,8 @@ export interface Config {
   readonly users: readonly UserConfig[];
   /** Users whose password is stored in plaintext (warned about at start-up). */
   readonly plaintextPasswords: readonly string[];
+  /** The admin HTTP listener; null when `http: false`. */
+  readonly http: HttpConfig | null;
   /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
   readonly warnings: readonly string[];
 }
@@ -92,6 +94,13 @@ export function insecureListenerWarning(config: Config): string | undefined {
   const loopback = host === 'localhost' || host === '::1' || (isIP(host) === 4 && host.startsWith('127.'));
   if (loopback) return undefined;
   return `INSECURE: listening on ${host}:${config.listen.port} with allow_insecure_auth and no tls: passwords cross the network in the clear. Configure tls (smtpmux tls selfsigned DIR for a test setup) or listen on 127.0.0.1 only`;
+}
+
+export interface HttpConfig {
+  readonly host: string;
+  readonly port: number;
+  /** Bearer token for everything but /livez and /readyz; undefined: no token. */
+  readonly token?: string;
 }
 
 export class ConfigError extends Error {
@@ -224,6 +233,13 @@ export async function parseConfig(text: string, file: string, env: Env = process
   if (env.SMTPMUX_PORT) raw.listen = { ...(raw.listen as object), port: env.SMTPMUX_PORT };
   if (env.SMTPMUX_HOST) raw.listen = { ...(raw.listen as object), host: env.SMTPMUX_HOST };
   if (env.USE_INSECURE_AUTH === 'true') raw.allow_insecure_auth = true;
+  // The admin listener's overrides apply to a mapping or an absent key, never over `http: false`.
+  const httpEnv = { port: env.SMTPMUX_HTTP_PORT, host: env.SMTPMUX_HTTP_HOST, token: env.SMTPMUX_HTTP_TOKEN };
+  if (raw.http === undefined || raw.http === null || (typeof raw.http === 'object' && !Array.isArray(raw.http))) {
+    const http = { ...((raw.http as object | null) ?? {}) } as Record<string, unknown>;
+    for (const [key, value] of Object.entries(httpEnv)) if (value) http[key] = value;
+    if (Object.values(httpEnv).some(Boolean)) raw.http = http;
+  }
 
   const parsed = configSchema.safeParse(raw);
   if (!parsed.success) {
@@ -321,6 +337,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
     }),
     users: Object.freeze(users),
     plaintextPasswords: Object.freeze(plaintextPasswords),
+    http: data.http === false ? null : Object.freeze({ host: data.http.host, port: data.http.port, token: data.http.token }),
     warnings: Object.freeze(warnings),
   });
 }

@@ -18,6 +18,9 @@ const byteSize = z.union([z.number(), z.string()], { error: `must be a size (${S
   return bytes;
 });
 
+/** The admin HTTP listener's port unless the config or SMTPMUX_HTTP_PORT says otherwise. */
+export const DEFAULT_HTTP_PORT = 9587;
+
 // 0 lets the OS pick a free port (tests do).
 const port = z.coerce.number().int().min(0).max(65535);
 
@@ -134,6 +137,19 @@ export const configSchema = z
       })
       .strict()
       .default(LOGIN_PENALTY_DEFAULTS),
+    // The admin HTTP listener (metrics, health, status page); false turns it off.
+    http: z
+      .union([
+        z.literal(false),
+        z
+          .object({
+            host: z.string().min(1).default('127.0.0.1'),
+            port: port.default(DEFAULT_HTTP_PORT),
+            token: z.string().min(1, 'must not be empty (leave the key out for no token)').optional(),
+          })
+          .strict(),
+      ], { error: 'must be false or a mapping with host, port and token' })
+      .default({ host: '127.0.0.1', port: DEFAULT_HTTP_PORT }),
     users: z.array(userSchema).min(1, 'list at least one user'),
   })
   .strict()

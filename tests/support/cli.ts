@@ -26,6 +26,8 @@ export interface ServeProcess {
   readonly child: ChildProcess;
   /** The SMTP port, from the "SMTP Mux listening" log line. */
   readonly port: number;
+  /** The admin HTTP port from the same line; undefined with `http: false`. */
+  readonly httpPort: number | undefined;
   stdout(): string;
   stderr(): string;
   /** Resolves with the exit code (null when killed by a signal). */
@@ -37,7 +39,8 @@ export interface ServeProcess {
 }
 
 export async function startServe(configPath: string, env: NodeJS.ProcessEnv, timeoutMs = 20_000): Promise<ServeProcess> {
-  const child = spawn(process.execPath, [CLI, 'serve', '--config', configPath], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  // The admin listener on a port the OS picks unless the test says otherwise: never the default 9587.
+  const child = spawn(process.execPath, [CLI, 'serve', '--config', configPath], { env: { SMTPMUX_HTTP_PORT: '0', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   const watchers = new Set<() => void>();
@@ -84,6 +87,7 @@ export async function startServe(configPath: string, env: NodeJS.ProcessEnv, tim
     throw e;
   }
   const line = out.split('\n').find((l) => l.includes('SMTP Mux listening'))!;
-  const port = Number((JSON.parse(line) as { port: number }).port);
-  return { child, port, stdout: () => out, stderr: () => err, exited, waitFor, kill };
+  const listening = JSON.parse(line) as { port: number; httpPort?: number };
+  const port = Number(listening.port);
+  return { child, port, httpPort: listening.httpPort, stdout: () => out, stderr: () => err, exited, waitFor, kill };
 }

@@ -43,7 +43,8 @@ export async function startProxy(files: Record<string, string>, options: { env?:
   const logger = createLogger({ level: 'debug', destination });
   const app = await App.start({
     configPath: path.join(dir, 'config.yaml'),
-    env: { SMTPMUX_PORT: '0', ...options.env },
+    // Both listeners on ports the OS picks: never the default 9587 another test or process may hold.
+    env: { SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0', ...options.env },
     logger,
     tmpDir: dir,
     shutdownGraceMs: 5000,

@@ -55,7 +55,8 @@ export async function startWatched(
   const spill = tempDir('smtpmux-spill-');
   const app = await App.start({
     configPath: path.join(dir, 'config.yaml'),
-    env: options.env ?? {},
+    // The admin listener on a port the OS picks, never the default another test may hold.
+    env: { SMTPMUX_HTTP_PORT: '0', ...(options.env ?? {}) },
     logger: createLogger({ level: 'debug', destination }),
     tmpDir: spill,
     shutdownGraceMs: 5000,
