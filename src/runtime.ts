@@ -42,6 +42,17 @@ export interface RuntimeChanges {
   readonly needsRestart: string[];
 }
 
+/** What a Runtime tells its owner (the App), passed in when it is built. */
+export interface RuntimeHooks {
+  /** A selector's isolate was thrown away and will be rebuilt; `selector` is its file as logs show it. */
+  readonly onSelectorRestart?: (selector: string, reason: string) => void;
+}
+
+/** A selector's path as logs and metrics show it: relative to the working folder when inside it. */
+export function selectorLabel(file: string): string {
+  return path.relative(process.cwd(), file) || file;
+}
+
 /** A reload that could not be built: every selector that failed, each with file:line:col. */
 export class RuntimeBuildError extends Error {
   constructor(readonly failures: readonly SelectorLoadError[]) {
@@ -99,7 +110,7 @@ export class Runtime {
    * Builds a Runtime from a validated config, reusing what `previous` already has. Either everything
    * compiles and the new Runtime is returned, or nothing it created survives and RuntimeBuildError says why.
    */
-  static async build(config: Config, previous?: Runtime): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
+  static async build(config: Config, previous?: Runtime, hooks: RuntimeHooks = {}): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
     const settings: PoolSettings = { ...config.delivery, hostname: config.hostname };
     const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb, maxSends: config.limits.maxSends };
     const pools = new Map<string, DownstreamPool>();
@@ -134,7 +145,9 @@ export class Runtime {
         return existing;
       }
       try {
-        const sandbox = await SelectorSandbox.fromSource(user.selectorPath, source, limits);
+        const label = selectorLabel(user.selectorPath);
+        const onRestart = hooks.onSelectorRestart;
+        const sandbox = await SelectorSandbox.fromSource(user.selectorPath, source, limits, onRestart ? { onRestart: (reason) => onRestart(label, reason) } : {});
         created.push(sandbox);
         compiled.push(user.selectorPath);
         sandboxes.set(key, sandbox);
@@ -161,7 +174,7 @@ export class Runtime {
       if (selector) {
         users.set(user.email.toLowerCase(), {
           email: user.email,
-          selectorLabel: path.relative(process.cwd(), user.selectorPath) || user.selectorPath,
+          selectorLabel: selectorLabel(user.selectorPath),
           selector,
           downstreams: Object.freeze(views),
           targets,
@@ -178,6 +191,25 @@ export class Runtime {
 
     const runtime = new Runtime(config, users, pools, sandboxes);
     return { runtime, changes: describeChanges(previous, runtime, compiled) };
+  }
+
+  /**
+   * A short hash of what this Runtime runs: the config without credentials, and each selector's source
+   * (by its sandbox key). Two instances with the same files show the same hash; it reveals no secret.
+   */
+  get fingerprint(): string {
+    // Whatever may hold a secret is listed by hand: passwords, downstream logins, the http token,
+    // TLS key material, a Redis URL's password.
+    const { users, http, tls, state, ...rest } = this.config;
+    const shown = {
+      ...rest,
+      http: http && { host: http.host, port: http.port, token: http.token !== undefined },
+      tls: tls && { certFile: tls.certFile, keyFile: tls.keyFile, implicit: tls.implicit, cert: createHash('sha256').update(tls.material.cert).digest('hex') },
+      state: { prefix: state.prefix, timeoutMs: state.timeoutMs, redis: state.redis?.replace(/\/\/[^@/]*@/, '//') },
+      users: users.map(({ password: _password, downstreams, ...user }) => ({ ...user, downstreams: downstreams.map(({ user: _user, pass: _pass, ...ds }) => ds) })),
+      selectors: [...this.sandboxes.keys()].sort(),
+    };
+    return createHash('sha256').update(JSON.stringify(shown)).digest('hex').slice(0, 12);
   }
 
   /** The user these credentials log in as, or undefined; a hashed password is verified off the event loop. */
@@ -243,6 +275,9 @@ function describeChanges(previous: Runtime | undefined, next: Runtime, compiled:
   if (previous) {
     const [a, b] = [previous.config.listen, next.config.listen];
     if (a.host !== b.host || a.port !== b.port) needsRestart.push(`listen (${a.host}:${a.port} → ${b.host}:${b.port})`);
+    const [h, i] = [previous.config.http, next.config.http];
+    const where = (c: typeof h): string => (c ? `${c.host}:${c.port}` : 'off');
+    if (where(h) !== where(i)) needsRestart.push(`http (${where(h)} → ${where(i)})`);
     if (previous.config.hostname !== next.config.hostname) needsRestart.push('hostname (in the greeting to clients; downstreams see the new one)');
     if (JSON.stringify(previous.config.state) !== JSON.stringify(next.config.state)) needsRestart.push('state (the state store is created once, at start)');
     const [t, u] = [previous.config.tls, next.config.tls];

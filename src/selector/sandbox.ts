@@ -17,6 +17,12 @@ export interface SandboxLimits {
   readonly maxSends?: number;
 }
 
+/** What a sandbox tells its owner, passed in when it is created. */
+export interface SandboxEvents {
+  /** The isolate was thrown away because a run broke a limit; the next run builds a fresh one. */
+  readonly onRestart?: (reason: 'timeout' | 'memory' | 'threw' | 'unavailable') => void;
+}
+
 /** A selector that cannot be loaded: its file, where in it (file:line:col) and what is wrong. */
 export class SelectorLoadError extends Error {
   constructor(
@@ -55,28 +61,31 @@ export class SelectorSandbox {
   private closed = false;
   /** send() calls that may cross to the host per run: the limit, plus one so the host can refuse it and log why. */
   private readonly sendsPerRun: number;
+  /** Instances already thrown away, so one overrun is one restart however many runs were inside. */
+  private readonly killed = new WeakSet<Instance>();
 
   private constructor(
     readonly file: string,
     readonly source: string,
     readonly limits: SandboxLimits,
+    private readonly events: SandboxEvents,
   ) {
     this.sendsPerRun = (limits.maxSends ?? 5) + 1;
   }
 
   /** Reads and compiles a selector; throws SelectorLoadError naming file, line and column. */
-  static async load(file: string, limits: SandboxLimits): Promise<SelectorSandbox> {
+  static async load(file: string, limits: SandboxLimits, events: SandboxEvents = {}): Promise<SelectorSandbox> {
     let source: string;
     try {
       source = await fs.readFile(file, 'utf8');
     } catch (err) {
       throw new SelectorLoadError(file, undefined, `cannot read the selector (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
     }
-    return SelectorSandbox.fromSource(file, source, limits);
+    return SelectorSandbox.fromSource(file, source, limits, events);
   }
 
-  static async fromSource(file: string, source: string, limits: SandboxLimits): Promise<SelectorSandbox> {
-    const sandbox = new SelectorSandbox(file, source, limits);
+  static async fromSource(file: string, source: string, limits: SandboxLimits, events: SandboxEvents = {}): Promise<SelectorSandbox> {
+    const sandbox = new SelectorSandbox(file, source, limits, events);
     sandbox.instance = sandbox.instantiate();
     await sandbox.instance;
     return sandbox;
@@ -140,6 +149,10 @@ export class SelectorSandbox {
   /** Ends a run that broke a limit and throws its isolate away; the next run builds a fresh one. */
   private kill(run: ActiveRun, fault: 'timeout' | 'memory' | 'threw' | 'unavailable', detail: string): void {
     if (!run.complete({ kind: 'fault', fault, detail })) return;
+    if (!this.closed && !this.killed.has(run.instance)) {
+      this.killed.add(run.instance);
+      this.events.onRestart?.(fault);
+    }
     if (this.instance) {
       const stale = this.instance;
       this.instance = undefined;
