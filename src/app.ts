@@ -2,19 +2,43 @@
 // of one lifecycle (src/lifecycle.ts), started in order and closed in reverse: the config watcher stops,
 // the SMTP listener stops accepting and lets in-flight messages finish, then pools and isolates close.
 import { EventEmitter } from 'node:events';
+import { readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
 import { loadConfig, insecureListenerWarning, plaintextPasswordWarning, ConfigError, type Config, type Env } from './config/load';
 import { FileWatcher, type WatchOptions } from './config/watch';
 import { SmtpMuxError } from './errors';
+import { startAdminServer, type AdminServer, type Readiness } from './http/admin';
+import type { ReloadStatus, StatusView } from './http/status';
 import { Lifecycle, type Part } from './lifecycle';
 import { createLogger, type Logger } from './observe/logger';
-import { Runtime, RuntimeBuildError } from './runtime';
+import { Metrics, type DownstreamState } from './observe/metrics';
+import { Runtime, RuntimeBuildError, type RuntimeHooks } from './runtime';
 import { ConnectionGuard } from './smtp/guard';
 import { createInboundServer, tlsOptions, type InboundDeps } from './smtp/server';
 import { createStateStore } from './state/create';
 import type { StateStore } from './state/store';
+
+const VERSION = (() => {
+  try {
+    return String(JSON.parse(readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')).version);
+  } catch {
+    return 'unknown';
+  }
+})();
+
+/** Seconds between refreshes of the status page. */
+const STATUS_REFRESH_SECONDS = 10;
+
+/**
+ * The state of every configured downstream. No cooldown or quota is kept yet, so every downstream is
+ * tried and is "up"; once downstream state exists (src/downstreams, behind src/state/store.ts), this
+ * is where it is read.
+ */
+function downstreamStates(runtime: Runtime): DownstreamState[] {
+  return runtime.config.users.flatMap((user) => user.downstreams.map((ds) => ({ user: user.email, downstream: ds.name, up: true })));
+}
 
 export interface AppOptions {
   readonly configPath: string;
@@ -50,6 +74,9 @@ export class App {
   readonly events = new EventEmitter();
   /** The open connections of both listeners: limits, login timeout, sessions to end on rotation. */
   private readonly guard = new ConnectionGuard();
+  private admin: AdminServer | undefined;
+  private lastReload: ReloadStatus | undefined;
+  private readonly startedAt = Date.now();
 
   private constructor(
     private readonly options: AppOptions,
@@ -57,11 +84,23 @@ export class App {
     private current: Runtime,
     /** Cooldowns, rates, quotas, login penalties and ctx.state: created once, outliving reloads. */
     readonly state: StateStore,
+    /** This App's metrics registry: never shared with another App. */
+    readonly metrics: Metrics,
+    private readonly hooks: RuntimeHooks,
   ) {
     this.live.add(current);
+    metrics.declare(current.config.users);
+    metrics.config(current.fingerprint);
+    metrics.setSources({
+      connections: () => this.guard.size,
+      downstreams: () => downstreamStates(this.current),
+    });
+    this.events.on('auth_failure', (event: { reason?: string }) => metrics.authFailure(String(event?.reason)));
+    this.events.on('connection_refused', (event: { reason?: string }) => metrics.connectionRefused(String(event?.reason)));
     const deps: InboundDeps = {
       current: () => this.current,
       logger,
+      metrics,
       closing: () => this.closing,
       tmpDir: options.tmpDir,
       state,
@@ -96,8 +135,10 @@ export class App {
           this.current.retire();
         },
       },
-      { name: 'smtp', start: () => this.listen(), close: () => this.closeListener() },
     ];
+    const http = this.current.config.http;
+    if (http) parts.push({ name: 'http', start: () => this.startAdmin(http), close: () => this.admin?.close() });
+    parts.push({ name: 'smtp', start: () => this.listen(), close: () => this.closeListener() });
     if (watch !== false) {
       const watcher = new FileWatcher(this.watchedFiles(), async (reason) => (await this.reload(reason)).files, watch);
       parts.push({ name: 'watcher', start: () => watcher.start(), close: () => watcher.stop() });
@@ -111,16 +152,20 @@ export class App {
     const started = Date.now();
     const config = await loadConfig(options.configPath, options.env);
     const state = await createStateStore(config.state, logger);
+    const metrics = new Metrics();
+    const hooks: RuntimeHooks = {
+      onSelectorRestart: (selector, reason) => metrics.selectorRestart(selector, reason),
+    };
     let built: Awaited<ReturnType<typeof Runtime.build>>;
     try {
-      built = await Runtime.build(config);
+      built = await Runtime.build(config, undefined, hooks);
     } catch (err) {
       await state.close();
       throw err;
     }
     const { runtime } = built;
     // From here on, a part that fails to start closes the ones before it, the state store included.
-    const app = new App(options, logger, runtime, state);
+    const app = new App(options, logger, runtime, state, metrics, hooks);
     await app.lifecycle.start(app.parts());
     for (const warning of config.warnings) logger.warn({ config: config.file }, warning);
     const plaintext = plaintextPasswordWarning(config);
@@ -138,6 +183,7 @@ export class App {
         port: app.port,
         tls: config.tls ? (app.implicitServer ? 'starttls+implicit' : 'starttls') : 'off',
         implicitTlsPort: app.implicitPort,
+        ...app.adminAddress(),
         config: config.file,
         users: runtime.userEmails.length,
         ms: Date.now() - started,
@@ -163,6 +209,86 @@ export class App {
   /** The implicit-TLS listener's port, when tls.implicit is configured. */
   get implicitPort(): number | undefined {
     return this.implicitServer ? (this.implicitServer.server.address() as AddressInfo).port : undefined;
+  }
+
+  /** The admin HTTP listener's port; undefined when `http: false`. */
+  get adminPort(): number | undefined {
+    return this.admin?.port;
+  }
+
+  /** Where the admin listener is, for the start-up log line (its port may have been 0). */
+  private adminAddress(): Record<string, unknown> {
+    if (!this.admin) return { http: 'off' };
+    const host = this.admin.host.includes(':') ? `[${this.admin.host}]` : this.admin.host;
+    return { httpPort: this.admin.port, http: `http://${host}:${this.admin.port}/`, httpToken: this.current.config.http?.token !== undefined };
+  }
+
+  private async startAdmin(where: { readonly host: string; readonly port: number }): Promise<void> {
+    try {
+      this.admin = await startAdminServer(where, {
+        metrics: this.metrics,
+        logger: this.logger,
+        token: () => this.current.config.http?.token,
+        readiness: () => this.readiness(),
+        status: () => this.status(),
+      });
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      // Named, so the CLI does not report it as the SMTP port.
+      throw Object.assign(new Error(`admin HTTP listener on ${where.host}:${where.port}: ${e.message} (set http.port or SMTPMUX_HTTP_PORT, or http: false)`), { code: e.code, listener: 'http' });
+    }
+  }
+
+  /**
+   * Ready: the SMTP listeners accept and the last config load succeeded. Not ready while shutting down
+   * (an orchestrator stops sending new connections while in-flight messages drain) and after a failed
+   * reload (the last good config serves, but what was deployed is not what runs).
+   */
+  readiness(): Readiness {
+    if (this.closing) return { ready: false, reason: 'shutting down: finishing the messages in flight' };
+    if (!this.servers.every((s) => s.server.listening)) return { ready: false, reason: 'the SMTP listener is not accepting connections' };
+    const r = this.lastReload;
+    if (r && !r.ok) {
+      return { ready: false, reason: `the config reload at ${new Date(r.at).toISOString()} failed (${r.problems.length} problem(s), see the log or the status page); the last good config keeps serving` };
+    }
+    return { ready: true, reason: 'ready' };
+  }
+
+  /** What the status page shows: nothing secret, no message content, no recipient. */
+  async status(): Promise<StatusView> {
+    const runtime = this.current;
+    const [counts, states] = await Promise.all([this.metrics.messageCounts(), Promise.resolve(downstreamStates(runtime))]);
+    const stateOf = new Map(states.map((s) => [`${s.user}\0${s.downstream}`, s]));
+    return {
+      now: Date.now(),
+      startedAt: this.startedAt,
+      version: VERSION,
+      configFile: path.relative(process.cwd(), runtime.config.file) || runtime.config.file,
+      configHash: runtime.fingerprint,
+      ready: this.readiness(),
+      lastReload: this.lastReload,
+      refreshSeconds: STATUS_REFRESH_SECONDS,
+      users: runtime.config.users.map((user) => {
+        const m = counts.get(user.email);
+        return {
+          email: user.email,
+          selector: runtime.user(user.email)?.selectorLabel ?? user.selectorName,
+          messages: { delivered: m?.delivered ?? 0, deferred: m?.deferred ?? 0, rejected: m?.rejected ?? 0 },
+          downstreams: user.downstreams.map((ds) => {
+            const state = stateOf.get(`${user.email}\0${ds.name}`);
+            return {
+              name: ds.name,
+              addr: ds.addr,
+              tls: ds.tls,
+              up: state?.up ?? true,
+              cooldownUntil: state?.cooldownUntil,
+              quota: state?.quota,
+              recent: this.metrics.recent.summary(user.email, ds.name),
+            };
+          }),
+        };
+      }),
+    };
   }
 
   /** Open inbound connections (both listeners). */
@@ -194,7 +320,7 @@ export class App {
     try {
       const config = await loadConfig(this.options.configPath, this.options.env);
       this.attemptedSelectors = config.users.map((u) => u.selectorPath);
-      const { runtime, changes } = await Runtime.build(config, this.current);
+      const { runtime, changes } = await Runtime.build(config, this.current, this.hooks);
       const previous = this.current;
       this.current = runtime;
       for (const server of this.servers) {
@@ -214,6 +340,10 @@ export class App {
       this.warnIfInsecure(config);
       if (changes.needsRestart.length > 0) this.logger.warn({ settings: changes.needsRestart }, 'these settings change only after a restart');
       this.logger.info({ reason, ...changes, ms: Date.now() - started }, 'reloaded');
+      this.metrics.declare(config.users);
+      this.metrics.config(runtime.fingerprint);
+      this.metrics.reload('ok');
+      this.lastReload = { at: Date.now(), ok: true, reason, problems: [] };
       return { ok: true, problems: [], files: this.watchedFiles() };
     } catch (err) {
       const problems =
@@ -221,6 +351,8 @@ export class App {
       // A file deleted or mid-replace is worth a warning; a file that is wrong is an error.
       const missing = problems.every((p) => /not found|cannot read/.test(p));
       this.logger[missing ? 'warn' : 'error']({ reason, problems, ms: Date.now() - started }, 'reload failed; the last good config keeps serving');
+      this.metrics.reload('failed');
+      this.lastReload = { at: Date.now(), ok: false, reason, problems };
       return { ok: false, problems, files: this.watchedFiles() };
     }
   }

@@ -20,7 +20,7 @@ Commands:
   serve     run the proxy (default)
   check     validate the config and compile every selector
   try       dry-run a user's selector with a made-up message (nothing is delivered)
-  health    exit 0 when the proxy answers on its SMTP port (for container health checks)
+  health    exit 0 when the proxy is ready: GET /readyz on its admin port (for container health checks)
   hash-password          read a password from stdin (no echo on a terminal), print its argon2id hash
   tls selfsigned DIR     write a self-signed certificate and key for a test setup into DIR
 
@@ -76,7 +76,10 @@ function reportFailure(err: unknown): number {
   const { describeLoadFailure } = require('./runtime') as typeof import('./runtime');
   const loadFailure = describeLoadFailure(err);
   if (loadFailure) console.error(`smtpmux: ${loadFailure}`);
-  else if ((err as NodeJS.ErrnoException)?.code === 'EADDRINUSE') console.error(`smtpmux: the SMTP port is already in use (${(err as Error).message})`);
+  else if ((err as NodeJS.ErrnoException)?.code === 'EADDRINUSE') {
+    const which = (err as { listener?: string }).listener === 'http' ? 'admin HTTP port' : 'SMTP port';
+    console.error(`smtpmux: the ${which} is already in use (${(err as Error).message})`);
+  }
   else console.error(`smtpmux: ${(err as Error)?.stack ?? err}`);
   return 1;
 }
@@ -138,29 +141,58 @@ async function check(config: string): Promise<number> {
   }
 }
 
+/** Where a probe on this machine reaches a listener bound to `host`. */
+function probeHost(host: string): string {
+  return ['0.0.0.0', '::', '127.0.0.1', 'localhost'].includes(host) ? '127.0.0.1' : host;
+}
+
+/**
+ * Exit 0 when the proxy is ready: GET /readyz on its admin listener (200), or, with `http: false`,
+ * a 220 greeting on its SMTP port. SMTPMUX_HTTP_PORT (or SMTPMUX_PORT without the admin listener)
+ * spares reading the config.
+ */
 async function health(config: string): Promise<number> {
-  const net = await import('node:net');
-  let port = Number(process.env.SMTPMUX_PORT || 0);
-  let host = '127.0.0.1';
-  if (!port) {
+  const envHttpPort = Number(process.env.SMTPMUX_HTTP_PORT || 0);
+  let target: { kind: 'http' | 'smtp'; host: string; port: number } | undefined;
+  if (envHttpPort) target = { kind: 'http', host: probeHost(process.env.SMTPMUX_HTTP_HOST || '127.0.0.1'), port: envHttpPort };
+  else {
     const { loadConfig } = await import('./config/load');
     try {
       const loaded = await loadConfig(config);
-      port = loaded.listen.port;
-      if (!['0.0.0.0', '::', '127.0.0.1', 'localhost'].includes(loaded.listen.host)) host = loaded.listen.host;
+      target = loaded.http
+        ? { kind: 'http', host: probeHost(loaded.http.host), port: loaded.http.port }
+        : { kind: 'smtp', host: probeHost(loaded.listen.host), port: loaded.listen.port };
     } catch (err) {
-      return reportFailure(err);
+      // Without a readable config, SMTPMUX_PORT alone still allows the SMTP check.
+      const port = Number(process.env.SMTPMUX_PORT || 0);
+      if (!port) return reportFailure(err);
+      target = { kind: 'smtp', host: '127.0.0.1', port };
     }
   }
+  const { host, port } = target;
+  const shown = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+  const fail = (why: string): number => {
+    console.error(`smtpmux health: ${why}`);
+    return 1;
+  };
+  if (target.kind === 'http') {
+    try {
+      const res = await fetch(`http://${shown}/readyz`, { signal: AbortSignal.timeout(5000) });
+      const text = (await res.text()).trim();
+      return res.status === 200 ? 0 : fail(`${shown}/readyz answered ${res.status}: ${text.slice(0, 500)}`);
+    } catch (err) {
+      return fail(`${shown}/readyz: ${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}`);
+    }
+  }
+  const net = await import('node:net');
   return new Promise<number>((resolve) => {
     const socket = net.connect({ host, port });
     const done = (code: number, why: string): void => {
       socket.destroy();
-      if (code !== 0) console.error(`smtpmux health: ${why}`);
-      resolve(code);
+      resolve(code === 0 ? 0 : fail(why));
     };
-    socket.setTimeout(5000, () => done(1, `no greeting from ${host}:${port} within 5 s`));
-    socket.once('error', (err) => done(1, `${host}:${port}: ${err.message}`));
+    socket.setTimeout(5000, () => done(1, `no greeting from ${shown} within 5 s`));
+    socket.once('error', (err) => done(1, `${shown}: ${err.message}`));
     socket.once('data', (chunk) => {
       if (chunk.toString('latin1').startsWith('220')) {
         socket.end('QUIT\r\n');

@@ -3,6 +3,7 @@ import { Delivery } from './delivery/delivery';
 import type { Envelope } from './delivery/pool';
 import type { MessageBody } from './message/body';
 import type { Logger } from './observe/logger';
+import type { AttemptResult, Metrics } from './observe/metrics';
 import type { Runtime, UserRuntime } from './runtime';
 import type { MessageSummary, RunHost, SelectorOutcome } from './selector/types';
 import type { SmtpMuxError } from './errors';
@@ -23,10 +24,13 @@ export async function decide(
   message: MessageSummary,
   delivery: Delivery,
   host: RunHost,
-): Promise<{ outcome: SelectorOutcome; verdict: Verdict }> {
+): Promise<{ outcome: SelectorOutcome; verdict: Verdict; selectorSeconds: number }> {
   let outcome: SelectorOutcome;
+  let selectorSeconds = 0;
   try {
+    const started = performance.now();
     outcome = await user.selector.run(message, user.downstreams, host);
+    selectorSeconds = (performance.now() - started) / 1000;
     if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
   } catch (err) {
     // Not expected (run() never rejects); whatever it was, the latch below still decides the reply.
@@ -35,7 +39,12 @@ export async function decide(
     // A send() the script did not wait for may still deliver: the answer waits for every attempt.
     await delivery.settled();
   }
-  return { outcome, verdict: judge(delivery, outcome) };
+  return { outcome, verdict: judge(delivery, outcome), selectorSeconds };
+}
+
+/** The metrics' name for how an attempt ended. */
+export function attemptResult(attempt: { readonly ok: boolean; readonly permanent?: boolean }): AttemptResult {
+  return attempt.ok ? 'ok' : attempt.permanent ? 'permanent' : 'temporary';
 }
 
 export async function routeMessage(
@@ -45,16 +54,21 @@ export async function routeMessage(
   envelope: Envelope,
   body: MessageBody,
   logger: Logger,
+  metrics: Metrics,
 ): Promise<Routed> {
   const started = Date.now();
   const selector = user.selectorLabel;
   const log = logger.child({ msgId: message.id, user: user.email });
   const delivery = new Delivery(body, envelope, user.targets, { maxSends: runtime.config.limits.maxSends, attemptTimeoutMs: runtime.config.delivery.attemptTimeoutMs });
 
-  const { outcome, verdict } = await decide(user, message, delivery, {
+  const { outcome, verdict, selectorSeconds } = await decide(user, message, delivery, {
     send: (target) => delivery.send(target),
     log: (text) => log.info({ selector, scriptLog: true }, text),
   });
+
+  metrics.selectorRun(selectorSeconds);
+  // Attempts name configured downstreams only (a name the script made up is refused before an attempt).
+  for (const attempt of delivery.attempts) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
 
   const line = {
     from: envelope.from,

@@ -6,6 +6,7 @@ import { loadConfig, type Config } from './config/load';
 import { Delivery } from './delivery/delivery';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
+import { Metrics } from './observe/metrics';
 import { decide, routeMessage } from './route';
 import { describeLoadFailure, Runtime } from './runtime';
 import { newMessageId } from './smtp/server';
@@ -123,6 +124,7 @@ export async function runTry(argv: string[]): Promise<number> {
     let failures = 0;
     // --deliver goes through the proxy's route, which logs; only its warnings are worth showing here.
     const deliverLog = createLogger({ level: 'warn' });
+    const unread = new Metrics({ defaultMetrics: false });
     for (let i = 1; i <= options.times; i++) {
       const message: MessageSummary = {
         id: newMessageId(),
@@ -137,7 +139,8 @@ export async function runTry(argv: string[]): Promise<number> {
         const raw = `From: <${options.from}>\r\nTo: ${options.to.map((t) => `<${t}>`).join(', ')}\r\nSubject: ${options.subject}\r\nMessage-ID: <${message.id}@smtpmux.try>\r\nDate: ${new Date().toUTCString()}\r\n\r\nA test message sent by smtpmux try.\r\n`;
         const body = await MessageBody.receive(Readable.from([Buffer.from(raw)]), { maxSize: config.maxMessageSize });
         const envelope = { from: options.from, to: options.to, use8BitMime: false, size: body.size };
-        const routed = await routeMessage(runtime, user, { ...message, size: body.size }, envelope, body, deliverLog);
+        // A registry of its own that nothing reads: try counts nothing the proxy shows.
+        const routed = await routeMessage(runtime, user, { ...message, size: body.size }, envelope, body, deliverLog, unread);
         await body.dispose();
         if (routed.error) failures++;
         console.log(routed.error ? `message ${i}: ${routed.error.responseCode} ${routed.error.message}` : `message ${i}: delivered via ${routed.downstream}`);

@@ -11,6 +11,7 @@ import { SmtpMuxError, type ErrorCode } from '../errors';
 import { MessageBody } from '../message/body';
 import { summarize } from '../message/summary';
 import type { Logger } from '../observe/logger';
+import type { Metrics } from '../observe/metrics';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
 import type { StateStore } from '../state/store';
@@ -21,6 +22,8 @@ export interface InboundDeps {
   /** The Runtime new transactions use; it changes on reload. */
   current(): Runtime;
   readonly logger: Logger;
+  /** Where messages and their timings are counted (the App's own registry). */
+  readonly metrics: Metrics;
   /** True once shutdown began: new transactions are turned away with 421. */
   closing(): boolean;
   /** Where large bodies spill (default: the OS temp dir). */
@@ -62,7 +65,7 @@ export function tlsOptions(material: { cert: string; key: string }): Pick<SMTPSe
 const sleepUntil = (at: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.max(0, at - Date.now())));
 
 export function createInboundServer(deps: InboundDeps, initial: Runtime, listener: ListenerOptions = {}): SMTPServer {
-  const { logger, guard } = deps;
+  const { logger, guard, metrics } = deps;
   const penalties = new LoginPenalties(deps.state, () => deps.current().config.loginPenalty);
   const tls = initial.config.tls;
   const refuse = (code: ErrorCode, session: SMTPServerSession, event: string, callback: (err?: Error | null) => void): void => {
@@ -161,6 +164,11 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     const runtime = deps.current();
     const release = runtime.acquire();
     const id = newMessageId();
+    // The login is a configured user's (onAuth set it from the config), so it is a bounded label.
+    const login = String(session.user ?? '');
+    const started = performance.now();
+    let dataEnded: number | undefined;
+    const seconds = (): number => (performance.now() - (dataEnded ?? started)) / 1000;
     let body: MessageBody | undefined;
     try {
       const limit = runtime.config.maxMessageSize;
@@ -171,6 +179,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
         logger.warn({ msgId: id, err: (err as Error).message }, 'message could not be received');
         throw new SmtpMuxError('SMTPMUX_RECEIVE_FAILED', `message id ${id}`);
       }
+      dataEnded = performance.now();
       // Our own count, against this transaction's Runtime: smtp-server's flag may use a limit from before a reload.
       if (body.exceeds(limit)) {
         logger.warn({ msgId: id, size: body.size, limit }, 'message too big');
@@ -192,11 +201,17 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
         { id, user: user.email, from: envelope.from, to: envelope.to, size: body.size, clientAddress: session.remoteAddress },
         body.headerBlock,
       );
-      const routed = await routeMessage(runtime, user, message, envelope, body, logger);
+      const routed = await routeMessage(runtime, user, message, envelope, body, logger, metrics);
       if (routed.error) {
         throw routed.error.withDetail(`message id ${id}`);
       }
+      metrics.message(login, 'delivered', seconds());
       return `2.0.0 Delivered via ${routed.downstream} (message id ${id})`;
+    } catch (err) {
+      // What onData answers: an SmtpMuxError's own code, anything else 451.
+      const reply = err instanceof SmtpMuxError ? err.responseCode : 451;
+      metrics.message(login, reply >= 500 ? 'rejected' : 'deferred', seconds());
+      throw err;
     } finally {
       await body?.dispose();
       release();

@@ -28,7 +28,8 @@ export interface UserSpec {
 /**
  * Either `users`, or one user given by `selector` + `downstreams` (+ `email`, `password`). Every other
  * key is a top-level config key as the YAML spells it (`limits`, `delivery`, `max_message_size`...).
- * Defaults: listen on 127.0.0.1, port 0; allow_insecure_auth true.
+ * Defaults: listen on 127.0.0.1, port 0; the admin listener (http) on 127.0.0.1, port 0 (never the
+ * default 9587 another test or process may hold); allow_insecure_auth true.
  */
 export type ConfigSpec = {
   readonly users?: readonly UserSpec[];
@@ -63,6 +64,7 @@ export function configObject(spec: ConfigSpec): Record<string, unknown> {
   return {
     listen: { host: '127.0.0.1', port: 0, ...(listen as object | undefined) },
     allow_insecure_auth: allow_insecure_auth ?? true,
+    http: { host: '127.0.0.1', port: 0 },
     ...rest,
     users: list.map(userEntry),
   };

@@ -11,6 +11,8 @@ import { createLogger } from '../../src/observe/logger';
 export interface RunningProxy {
   readonly app: App;
   readonly port: number;
+  /** The admin HTTP listener's port; undefined when the config says `http: false`. */
+  readonly httpPort: number | undefined;
   readonly dir: string;
   /** Parsed log lines so far. */
   readonly logs: Record<string, unknown>[];
@@ -53,6 +55,7 @@ export async function startProxy(files: Record<string, string>, options: { env?:
   return {
     app,
     port: app.port,
+    httpPort: app.adminPort,
     dir,
     logs,
     logText: () => chunks.join(''),
