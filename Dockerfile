@@ -4,7 +4,7 @@
 # steps outside Docker in CI, so keep to plain WORKDIR / COPY / RUN / ENV lines it understands.
 #
 #   docker build -t smtpmux .
-#   docker run -p 2525:2525 -v "$PWD/config/compose:/app/config:ro" smtpmux
+#   docker run -p 2525:2525 -p 127.0.0.1:9587:9587 -v "$PWD/config/compose:/app/config:ro" smtpmux
 #
 # The image listens on 0.0.0.0: configure tls (cert and key, or selfsigned: true to try it out) so
 # passwords never cross the network in the clear; SMTP Mux logs an error at every start while a
@@ -31,7 +31,10 @@ RUN npm run build
 RUN npm prune --omit=dev --no-audit --no-fund
 
 FROM ${NODE_IMAGE} AS runtime
-ENV NODE_ENV=production SMTPMUX_HOST=0.0.0.0
+# Both listeners on every interface inside the container: SMTP (2525) and the admin HTTP one (9587:
+# /metrics, /livez, /readyz, the status page). Publish 9587 only where Prometheus or you can reach it,
+# or set http.token.
+ENV NODE_ENV=production SMTPMUX_HOST=0.0.0.0 SMTPMUX_HTTP_HOST=0.0.0.0
 WORKDIR /app
 # Owned by root and read-only to the app: it writes nothing under /app (temp files go to /tmp).
 COPY --from=build /app/package.json ./package.json
@@ -40,9 +43,11 @@ COPY --from=build /app/dist ./dist
 COPY selectors ./selectors
 # The node user (uid 1000) of the official image; the config mount only needs to be readable by it.
 USER node
-EXPOSE 2525
-# `health` reads /app/config/config.yaml (the default path, relative to WORKDIR) for the port, or
-# SMTPMUX_PORT, and expects a 220 greeting on 127.0.0.1. Set SMTPMUX_CONFIG if you serve another file.
+EXPOSE 2525 9587
+# `health` reads /app/config/config.yaml (the default path, relative to WORKDIR) for the admin port, or
+# SMTPMUX_HTTP_PORT, and expects 200 from GET /readyz on 127.0.0.1 (503 while draining on SIGTERM or
+# after a failed reload). With `http: false` it checks for a 220 greeting on the SMTP port instead. Set
+# SMTPMUX_CONFIG if you serve another file.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
   CMD ["node", "--no-node-snapshot", "dist/cli.js", "health"]
 # No init process (tini): node is PID 1 and that is enough here. SMTP Mux installs its own SIGTERM and

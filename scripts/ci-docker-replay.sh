@@ -34,7 +34,7 @@ const LIMITS = { run: 10 * MINUTE, check: 1 * MINUTE, listen: 45_000, health: 30
 /** The mount the replay gives the image, as docker-compose.yml and the Dockerfile's header do. */
 const CONFIG_MOUNT = { from: path.join(REPO, 'config', 'compose'), to: '/app/config' };
 /** What the compose file sets for the service (USE_INSECURE_AUTH) plus a loopback listener for CI. */
-const RUN_ENV = { USE_INSECURE_AUTH: 'true', SMTPMUX_HOST: '127.0.0.1' };
+const RUN_ENV = { USE_INSECURE_AUTH: 'true', SMTPMUX_HOST: '127.0.0.1', SMTPMUX_HTTP_HOST: '127.0.0.1' };
 
 const started = Date.now();
 const step = (text) => console.log(`\n==> [${((Date.now() - started) / 1000).toFixed(0)}s] ${text}`);
@@ -397,8 +397,9 @@ async function main() {
   }
 
   const port = await freePort();
-  step(`serve: ${[...entrypoint, ...cmd].join(' ')}   (SMTPMUX_PORT=${port}, SMTPMUX_HOST=127.0.0.1)`);
-  const env = { ...baseEnv, SMTPMUX_PORT: String(port) };
+  const httpPort = await freePort();
+  step(`serve: ${[...entrypoint, ...cmd].join(' ')}   (SMTPMUX_PORT=${port}, SMTPMUX_HTTP_PORT=${httpPort}, on 127.0.0.1)`);
+  const env = { ...baseEnv, SMTPMUX_PORT: String(port), SMTPMUX_HTTP_PORT: String(httpPort) };
   const [file, argv] = exe([...entrypoint, ...cmd]);
   const [sFile, sArgv] = asUser ? ['setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', '--', file, ...argv]] : [file, argv];
   const server = spawn(sFile, sArgv, { cwd, env, stdio: ['ignore', 'pipe', 'inherit'], detached: true });

@@ -6,6 +6,8 @@
 //
 // Environment:
 //   SMTPMUX_PORT               SMTP Mux's port (default 2525, or a free one if 2525 is taken; 0 = any)
+//   SMTPMUX_HTTP_PORT          its admin HTTP port: status page, /metrics (default 9587, or a free one
+//                              if 9587 is taken; 0 = any)
 //   SMTPMUX_DEMO_DIR           copy config.yaml and selector.js there (unless already present) and use
 //                              those copies instead of config/demo/ in the repo
 //   DEMO_INBOX1_PORT, DEMO_INBOX1_WEB_PORT, DEMO_INBOX2_PORT, DEMO_INBOX2_WEB_PORT
@@ -15,7 +17,7 @@
 //                              on a terminal, the raw JSON lines otherwise)
 //
 // When stdout is not a terminal, the banner is followed by one line for programs that drive the demo:
-//   demo ready {"smtp":{"host","port"},"inboxes":[{"name","smtpPort","webPort","webUrl"}],"config","selector"}
+//   demo ready {"smtp":{"host","port"},"http":{"port","url"},"inboxes":[{"name","smtpPort","webPort","webUrl"}],"config","selector"}
 'use strict';
 
 const { spawn } = require('node:child_process');
@@ -205,7 +207,7 @@ function prettyLine(record) {
   return [time, level, record.msg ?? '', ...fields].filter(Boolean).join(' ');
 }
 
-function banner({ smtpHost, smtpPort, inboxes, configFile, selectorFile, notes }) {
+function banner({ smtpHost, smtpPort, statusUrl, inboxes, configFile, selectorFile, notes }) {
   const host = smtpHost === '127.0.0.1' || smtpHost === '0.0.0.0' || smtpHost === '::' || smtpHost === '::1' ? 'localhost' : smtpHost;
   const server = `${host}:${smtpPort}`;
   const rule = '-'.repeat(78);
@@ -219,6 +221,7 @@ function banner({ smtpHost, smtpPort, inboxes, configFile, selectorFile, notes }
     rule,
     ` SMTP Mux   ${server}   (STARTTLS with a self-signed certificate, then AUTH PLAIN as ${LOGIN.user} / ${LOGIN.pass})`,
     ...inboxes.map((inbox, i) => ` Inbox ${i + 1}    ${inbox.webUrl}   (MailDev "${inbox.name}", SMTP on 127.0.0.1:${inbox.smtpPort})`),
+    ...(statusUrl ? [` Status     ${statusUrl}   (downstreams, attempts; Prometheus metrics at ${statusUrl}metrics)`] : []),
     '',
     ' Edit these and save: SMTP Mux reloads them while it runs.',
     `   config     ${configFile}`,
@@ -246,19 +249,21 @@ async function main() {
   const configFile = path.join(dir, 'config.yaml');
   const selectorFile = path.join(dir, 'selector.js');
 
-  // SMTP Mux's port is settled before anything starts, so a taken explicit port fails fast.
-  let smtpPort = envPort('SMTPMUX_PORT');
-  if (smtpPort === 0) {
-    smtpPort = await freePort();
-  } else if (smtpPort === undefined) {
-    smtpPort = 2525;
-    if (!(await isFree(smtpPort))) {
-      smtpPort = await freePort();
-      notes.push(`port 2525 is taken, so SMTP Mux listens on ${smtpPort} (set SMTPMUX_PORT to choose)`);
+  // SMTP Mux's ports are settled before anything starts, so a taken explicit port fails fast.
+  const settlePort = async (envName, preferred, what) => {
+    const given = envPort(envName);
+    if (given === 0) return freePort();
+    if (given === undefined) {
+      if (await isFree(preferred)) return preferred;
+      const port = await freePort();
+      notes.push(`port ${preferred} is taken, so SMTP Mux's ${what} is on ${port} (set ${envName} to choose)`);
+      return port;
     }
-  } else if (!(await isFree(smtpPort))) {
-    throw new DemoError(`SMTPMUX_PORT=${smtpPort} is already in use`);
-  }
+    if (!(await isFree(given))) throw new DemoError(`${envName}=${given} is already in use`);
+    return given;
+  };
+  const smtpPort = await settlePort('SMTPMUX_PORT', 2525, 'SMTP listener');
+  const httpPort = await settlePort('SMTPMUX_HTTP_PORT', 9587, 'status page');
 
   const inboxes = [];
   let child;
@@ -311,7 +316,7 @@ async function main() {
   if (stopping) return finish(0);
 
   const logMode = process.env.SMTPMUX_DEMO_LOG || (process.stdout.isTTY ? 'pretty' : 'json');
-  const env = { ...process.env, SMTPMUX_PORT: String(smtpPort) };
+  const env = { ...process.env, SMTPMUX_PORT: String(smtpPort), SMTPMUX_HTTP_PORT: String(httpPort) };
   inboxes.forEach((inbox, i) => {
     env[`DEMO_INBOX${i + 1}_PORT`] = String(inbox.smtpPort);
     env[`DEMO_INBOX${i + 1}_WEB_PORT`] = String(inbox.webPort);
@@ -346,13 +351,15 @@ async function main() {
       if (!ready && record.msg === 'SMTP Mux listening') {
         ready = true;
         clearTimeout(listenTimer);
+        const statusUrl = typeof record.http === 'string' ? record.http : undefined;
         const readyInfo = {
           smtp: { host: record.host || '127.0.0.1', port: Number(record.port) || smtpPort },
+          http: statusUrl ? { port: Number(record.httpPort), url: statusUrl } : undefined,
           inboxes: inboxes.map((inbox) => ({ name: inbox.name, smtpPort: inbox.smtpPort, webPort: inbox.webPort, webUrl: inbox.webUrl })),
           config: configFile,
           selector: selectorFile,
         };
-        banner({ smtpHost: readyInfo.smtp.host, smtpPort: readyInfo.smtp.port, inboxes, configFile, selectorFile, notes });
+        banner({ smtpHost: readyInfo.smtp.host, smtpPort: readyInfo.smtp.port, statusUrl, inboxes, configFile, selectorFile, notes });
         // One machine-readable line for scripts and tests that drive the demo (not on a terminal).
         if (!process.stdout.isTTY) say(`demo ready ${JSON.stringify(readyInfo)}`);
       }

@@ -55,6 +55,7 @@ describe('npm run demo', () => {
         ...process.env,
         SMTPMUX_DEMO_DIR: dir,
         SMTPMUX_PORT: '0',
+        SMTPMUX_HTTP_PORT: '0',
         DEMO_INBOX1_PORT: '0',
         DEMO_INBOX1_WEB_PORT: '0',
         DEMO_INBOX2_PORT: '0',
