@@ -8,6 +8,8 @@
 // `--concurrency` connections. Each scenario is run against the sinks directly first (the baseline),
 // then through SMTP Mux with an order-style selector (round-robin.js) and a send()-style one
 // (waterfall.js). Everything binds 127.0.0.1 on ports the OS picks; every run is bounded by --messages.
+// Besides throughput and latency it prints the CPU time SMTP Mux's process used per message (from
+// /proc, Linux only), which other load on a shared machine disturbs far less than msg/s.
 'use strict';
 
 const { spawn } = require('node:child_process');
@@ -82,6 +84,17 @@ async function load(port, auth) {
   return { rate: (MESSAGES / seconds).toFixed(0), p50: pct(50), p95: pct(95), p99: pct(99), failed };
 }
 
+/** CPU seconds (user + system) a process has used so far, from /proc (Linux); undefined elsewhere. */
+function cpuSeconds(pid) {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    // utime and stime are fields 14 and 15 of stat(5), counted from 1 including pid and comm.
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return undefined;
+  }
+}
+
 function startProxy(dir, selector, sinks) {
   const config = path.join(dir, `${selector}.yaml`);
   fs.writeFileSync(
@@ -98,7 +111,7 @@ ${sinks.map((s, i) => `      - { name: sink${i + 1}, addr: "127.0.0.1:${s.port}"
 `,
   );
   const child = spawn(process.execPath, ['--no-node-snapshot', path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
-    env: { ...process.env, SMTPMUX_PORT: '0' },
+    env: { ...process.env, SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   return new Promise((resolve, reject) => {
@@ -109,7 +122,7 @@ ${sinks.map((s, i) => `      - { name: sink${i + 1}, addr: "127.0.0.1:${s.port}"
       for (const line of buffered.split('\n')) {
         if (!line.includes('SMTP Mux listening')) continue;
         clearTimeout(timer);
-        resolve({ port: JSON.parse(line).port, stop: () => new Promise((r) => (child.once('exit', r), child.kill('SIGTERM'))) });
+        resolve({ port: JSON.parse(line).port, pid: child.pid, stop: () => new Promise((r) => (child.once('exit', r), child.kill('SIGTERM'))) });
       }
     });
     child.once('exit', (code) => reject(new Error(`SMTP Mux exited with ${code}`)));
@@ -121,14 +134,20 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smtpmux-bench-'));
   const sinks = [await startSink(), await startSink()];
   console.log(`SMTP Mux benchmark: ${MESSAGES} messages of ${SIZE} bytes over ${CONCURRENCY} connections, Node ${process.version}, ${os.cpus().length} cores`);
-  console.log('scenario                              msg/s   p50 ms   p95 ms   p99 ms  failed');
-  const row = (name, r) => console.log(`${name.padEnd(36)} ${r.rate.padStart(6)} ${r.p50.padStart(8)} ${r.p95.padStart(8)} ${r.p99.padStart(8)} ${String(r.failed).padStart(7)}`);
+  // CPU ms/msg: CPU time SMTP Mux's process used per message (user + system), less sensitive than msg/s
+  // to other load on the machine; the direct baseline has no SMTP Mux process.
+  console.log('scenario                              msg/s   p50 ms   p95 ms   p99 ms  failed  CPU ms/msg');
+  const row = (name, r, cpu) =>
+    console.log(`${name.padEnd(36)} ${r.rate.padStart(6)} ${r.p50.padStart(8)} ${r.p95.padStart(8)} ${r.p99.padStart(8)} ${String(r.failed).padStart(7)} ${(cpu === undefined ? '-' : ((cpu * 1000) / MESSAGES).toFixed(3)).padStart(11)}`);
   row('direct to a sink (baseline)', await load(sinks[0].port));
   for (const selector of ['round-robin.js', 'waterfall.js']) {
     const proxy = await startProxy(dir, selector, sinks);
     try {
       await load(proxy.port, { user: 'bench@user.com', pass: 'bench' }); // warm-up: pools, JIT
-      row(`through SMTP Mux, ${selector}`, await load(proxy.port, { user: 'bench@user.com', pass: 'bench' }));
+      const cpuBefore = cpuSeconds(proxy.pid);
+      const result = await load(proxy.port, { user: 'bench@user.com', pass: 'bench' });
+      const cpuAfter = cpuSeconds(proxy.pid);
+      row(`through SMTP Mux, ${selector}`, result, cpuBefore === undefined || cpuAfter === undefined ? undefined : cpuAfter - cpuBefore);
     } finally {
       await proxy.stop();
     }
