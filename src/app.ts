@@ -94,6 +94,7 @@ export class App {
     metrics.setSources({
       connections: () => this.guard.size,
       downstreams: () => downstreamStates(this.current),
+      state: () => this.state.status(),
     });
     this.events.on('auth_failure', (event: { reason?: string }) => metrics.authFailure(String(event?.reason)));
     this.events.on('connection_refused', (event: { reason?: string }) => metrics.connectionRefused(String(event?.reason)));
@@ -265,6 +266,7 @@ export class App {
       version: VERSION,
       configFile: path.relative(process.cwd(), runtime.config.file) || runtime.config.file,
       configHash: runtime.fingerprint,
+      state: this.state.status(),
       ready: this.readiness(),
       lastReload: this.lastReload,
       refreshSeconds: STATUS_REFRESH_SECONDS,

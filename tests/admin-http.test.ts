@@ -130,6 +130,7 @@ describe('the status page and the token', () => {
     // waterfall.js tried backup-b (451) then primary-a (accepted).
     expect(page.text).toMatch(/backup-b[\s\S]*0 ok · 1 failed[\s\S]*primary-a[\s\S]*1 ok · 0 failed/);
     expect(page.text).toContain('1 delivered');
+    expect(page.text).toContain('State (cooldowns, rates, quotas): in this process.');
   });
 
   test('shows no credential, token, recipient, subject or body, and loads nothing from elsewhere', async () => {

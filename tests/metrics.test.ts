@@ -62,6 +62,8 @@ describe('/metrics after real messages', () => {
     expect(sample(text, 'process_cpu_user_seconds_total')).toBeGreaterThan(0);
     expect(sample(text, 'nodejs_heap_size_total_bytes')).toBeGreaterThan(0);
     expect(text).toContain('# TYPE smtpmux_message_duration_seconds histogram');
+    expect(sample(text, 'smtpmux_state_degraded', { backend: 'memory' })).toBe(0);
+    expect(sample(text, 'smtpmux_state_local_operations_total')).toBe(0);
   });
 
   test('count what was sent, delivered, deferred and rejected, and every attempt', async () => {

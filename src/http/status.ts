@@ -3,6 +3,7 @@
 // reload. Inline CSS, no script, no external asset; it refreshes itself. It is built from a StatusView
 // that holds no password, token, message body or recipient, so none can reach the page.
 import { RECENT_MINUTES, type RecentSummary } from '../observe/recent';
+import type { StateStatus } from '../state/store';
 
 export interface DownstreamStatus {
   readonly name: string;
@@ -37,6 +38,8 @@ export interface StatusView {
   readonly configHash: string;
   readonly ready: { readonly ready: boolean; readonly reason: string };
   readonly lastReload?: ReloadStatus;
+  /** Where cooldowns, rates and quotas live, and whether a shared backend is unreachable. */
+  readonly state: StateStatus;
   readonly users: readonly UserStatus[];
   /** Seconds between refreshes. */
   readonly refreshSeconds: number;
@@ -92,6 +95,14 @@ function userSection(user: UserStatus, now: number, slowestMs: number): string {
 </section>`;
 }
 
+function stateLine(view: StatusView): string {
+  const st = view.state;
+  if (st.backend === 'memory') return '<p>State (cooldowns, rates, quotas): in this process.</p>';
+  if (!st.degraded) return '<p>State (cooldowns, rates, quotas): <span class="pill up">shared on Redis</span></p>';
+  const since = st.since ? ` for ${ago(view.now - st.since)}` : '';
+  return `<p>State (cooldowns, rates, quotas): <span class="pill down">Redis unreachable${since}</span> ${escapeHtml(st.reason ?? '')}; limits are per instance meanwhile (${st.localOperations} local operations).</p>`;
+}
+
 function reloadSection(view: StatusView): string {
   const r = view.lastReload;
   if (!r) return `<p>No reload since start-up (${ago(view.now - view.startedAt)} ago).</p>`;
@@ -122,6 +133,7 @@ export function renderStatus(view: StatusView): string {
 <body>
 <div class="head"><h1>SMTP Mux ${escapeHtml(view.version)} ${readiness}</h1>
 <p>Up ${ago(view.now - view.startedAt)} · config <code>${escapeHtml(view.configFile)}</code> (hash <code>${escapeHtml(view.configHash)}</code>) · ${view.users.length} user(s)</p>
+${stateLine(view)}
 ${reloadSection(view)}</div>
 ${view.users.map((u) => userSection(u, view.now, slowestMs)).join('\n')}
 <footer>${escapeHtml(time(view.now))} · refreshes every ${view.refreshSeconds} s · metrics at <a href="metrics">/metrics</a></footer>

@@ -3,6 +3,7 @@
 // counter). Label values come from the config only (user logins, downstream names, selector files) or
 // from small fixed sets, never from what a client sends.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { StateStatus } from '../state/store';
 import { RecentActivity } from './recent';
 
 /** How a message ended for the client: 250, 4xx, 5xx (and, once a spool exists, stored for later). */
@@ -42,6 +43,8 @@ export interface MetricsSources {
   connections?(): number;
   /** The state of every configured downstream, read at scrape time. */
   downstreams?(): Promise<readonly DownstreamState[]> | readonly DownstreamState[];
+  /** Which backend holds cooldowns, rates, quotas and ctx.state, and whether it is degraded. */
+  state?(): StateStatus;
 }
 
 /** Seconds, for message and selector timings (a local delivery takes a few ms, a slow provider seconds). */
@@ -145,6 +148,27 @@ export class Metrics {
       async collect() {
         this.reset();
         for (const ds of await snapshot()) if (ds.quota) this.set({ downstream: ds.downstream }, Math.max(0, ds.quota.limit - ds.quota.used));
+      },
+    });
+    new Gauge({
+      name: 'smtpmux_state_degraded',
+      help: 'State backend (memory or redis): 1 while a shared backend is unreachable and limits are per instance.',
+      labelNames: ['backend'] as const,
+      registers: [this.registry],
+      collect() {
+        const status = sources().state?.();
+        this.reset();
+        if (status) this.set({ backend: status.backend }, status.degraded ? 1 : 0);
+      },
+    });
+    new Counter({
+      name: 'smtpmux_state_local_operations_total',
+      help: 'State operations served by the local fallback because the shared backend was unreachable.',
+      registers: [this.registry],
+      collect() {
+        const status = sources().state?.();
+        this.reset();
+        if (status) this.inc(status.localOperations);
       },
     });
     if (options.defaultMetrics !== false) collectDefaultMetrics({ register: this.registry });
