@@ -175,6 +175,20 @@ describe('config', () => {
   });
 });
 
+describe('start-up', () => {
+  test('fails, naming the admin listener, when its port is taken', async () => {
+    const first = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ addr: '127.0.0.1:9' }] }) });
+    try {
+      const taken = String(first.httpPort);
+      await expect(startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ addr: '127.0.0.1:9' }] }) }, { env: { SMTPMUX_HTTP_PORT: taken } })).rejects.toThrow(
+        new RegExp(`admin HTTP listener on 127\\.0\\.0\\.1:${taken}: .*EADDRINUSE`),
+      );
+    } finally {
+      await first.stop();
+    }
+  });
+});
+
 describe('smtpmux health', () => {
   test('asks /readyz: 0 while serving, 1 once the proxy is gone', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-health-'));
