@@ -90,11 +90,12 @@ describe('the status page and the token', () => {
   let a: Downstream;
   let b: Downstream;
   let proxy: RunningProxy;
+  let config: string;
 
   beforeAll(async () => {
     a = await startDownstream({ user: 'relay-login', pass: 'downstream-pass-never-shown' });
     b = await startDownstream({ fail: { kind: 'reply', code: 451, message: '4.3.0 busy' } });
-    const config = testConfig({
+    config = testConfig({
       ...TEST_LIMITS,
       users: [
         {
@@ -155,6 +156,14 @@ describe('the status page and the token', () => {
     expect((await get(port, '/livez')).status).toBe(200);
     expect((await get(port, '/readyz')).status).toBe(200);
     expect((await get(port, '/nothing-here', bearer)).status).toBe(404);
+  });
+
+  test('follows a reload that changes the token', async () => {
+    const port = proxy.httpPort!;
+    proxy.write('config.yaml', config.replace('${ADMIN_TOKEN}', 'rotated-token'));
+    expect((await proxy.app.reload()).ok).toBe(true);
+    expect((await get(port, '/metrics', bearer)).status).toBe(401);
+    expect((await get(port, '/metrics', { authorization: 'Bearer rotated-token' })).status).toBe(200);
   });
 });
 
