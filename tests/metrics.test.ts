@@ -5,6 +5,7 @@ import { startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
+import net from 'node:net';
 import { sample, scrape, total } from './support/admin';
 
 /** The subject picks the route: a made-up name, a 451, a 550, a failover, an overrun. */
@@ -146,6 +147,35 @@ describe('/metrics after real messages', () => {
       expect(sample(text, 'smtpmux_delivery_attempts_total', { downstream: 'good', result: 'ok' })).toBe(0);
     } finally {
       await other.stop();
+    }
+  });
+});
+
+describe('/metrics counts connections', () => {
+  /** Opens a connection and resolves with its first line (the greeting or a refusal). */
+  function greet(port: number): Promise<{ socket: net.Socket; line: string }> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: '127.0.0.1', port });
+      socket.once('error', reject);
+      socket.once('data', (chunk) => resolve({ socket, line: chunk.toString('latin1').split('\r\n')[0] }));
+    });
+  }
+
+  test('open now, and refused at connect by reason', async () => {
+    const proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', downstreams: [{ addr: '127.0.0.1:9' }], max_connections: 1 }) });
+    const sockets: net.Socket[] = [];
+    try {
+      const first = await greet(proxy.port);
+      sockets.push(first.socket);
+      expect(first.line).toMatch(/^220 /);
+      expect(sample(await scrape(proxy.httpPort!), 'smtpmux_connections')).toBe(1);
+      const second = await greet(proxy.port);
+      sockets.push(second.socket);
+      expect(second.line).toMatch(/^421 /);
+      expect(sample(await scrape(proxy.httpPort!), 'smtpmux_connections_refused_total', { reason: 'too_many_connections' })).toBe(1);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await proxy.stop();
     }
   });
 });
