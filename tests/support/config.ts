@@ -59,14 +59,15 @@ function userEntry(user: UserSpec): Record<string, unknown> {
 
 /** The config as an object, defaults filled in (for tests that want to tweak it before writing). */
 export function configObject(spec: ConfigSpec): Record<string, unknown> {
-  const { users, selector, downstreams, email, password, listen, allow_insecure_auth, ...rest } = spec;
+  const { users, selector, downstreams, email, password, listen, allow_insecure_auth, http, ...rest } = spec;
   const list = users ?? (selector !== undefined && downstreams !== undefined ? [{ email, password, selector, downstreams }] : []);
   return {
     listen: { host: '127.0.0.1', port: 0, ...(listen as object | undefined) },
     allow_insecure_auth: allow_insecure_auth ?? true,
-    http: { host: '127.0.0.1', port: 0 },
     ...rest,
     users: list.map(userEntry),
+    // Last, so the lines of every other key stay where tests expect them.
+    http: http ?? { host: '127.0.0.1', port: 0 },
   };
 }
 
