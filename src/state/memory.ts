@@ -29,13 +29,14 @@ export class MemoryStateStore implements StateStore {
 
   constructor(private readonly now: () => number = Date.now) {}
 
-  async acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number): Promise<RateGrant> {
+  async acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number, cost: number): Promise<RateGrant> {
     const now = this.tick();
     const interval = periodMs / limit;
     const tat = Math.max(this.live(this.rates, key, now) ?? now, now);
     const waitMs = tat - now;
     if (waitMs > maxWaitMs) return { ok: false, retryInMs: Math.ceil(waitMs) };
-    this.rates.set(key, { value: tat + interval, expiresAt: tat + interval });
+    const next = tat + interval * Math.max(1, cost);
+    this.rates.set(key, { value: next, expiresAt: next });
     return { ok: true, waitMs: Math.ceil(waitMs) };
   }
 

@@ -54,10 +54,11 @@ export interface StateStatus {
 
 export interface StateStore {
   /**
-   * Reserves one slot of a smooth rate of `limit` per `periodMs` (GCRA: slots are spaced periodMs/limit
-   * apart, with a burst of at most `limit`), if that slot is due within `maxWaitMs`.
+   * Reserves `cost` slots (1 per message, or one per recipient) of a smooth rate of `limit` per
+   * `periodMs` (GCRA: slots are spaced periodMs/limit apart), if the first of them is due within
+   * `maxWaitMs`; the next caller then waits for all `cost` of them to pass.
    */
-  acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number): Promise<RateGrant>;
+  acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number, cost: number): Promise<RateGrant>;
   /** Slots that could be taken right now without waiting (0..limit), for views. */
   rateAvailable(key: string, limit: number, periodMs: number): Promise<number>;
 
