@@ -76,7 +76,7 @@ const fmt = (ms) => `${ms.toFixed(3)} ms`;
 async function oneMessage(store, i) {
   const ds = `ds:bench${i % 2}`;
   await store.health(ds);
-  await store.acquireRate(ds, 1_000_000, 1000, 1000);
+  await store.acquireRate(ds, 1_000_000, 1000, 1000, 1);
   await store.reserveQuota(ds, `m${i}`, 1, 1_000_000_000, 86_400_000);
   await store.recordSuccess(ds);
   await store.incr('sel:bench:rr', 1);

@@ -45,13 +45,13 @@ describe.each(backends)('%s backend', (_name, make) => {
     const key = fresh('rate');
     // 10 per 10 s: one slot a second.
     expect(await store.rateAvailable(key, 10, 10_000)).toBe(10);
-    expect(await store.acquireRate(key, 10, 10_000, 0)).toEqual({ ok: true, waitMs: 0 });
-    const refused = await store.acquireRate(key, 10, 10_000, 0);
+    expect(await store.acquireRate(key, 10, 10_000, 0, 1)).toEqual({ ok: true, waitMs: 0 });
+    const refused = await store.acquireRate(key, 10, 10_000, 0, 1);
     expect(refused.ok).toBe(false);
     if (!refused.ok) expect(refused.retryInMs).toBeGreaterThan(500);
     if (!refused.ok) expect(refused.retryInMs).toBeLessThanOrEqual(1000);
     expect(await store.rateAvailable(key, 10, 10_000)).toBe(9);
-    const paced = await store.acquireRate(key, 10, 10_000, 5000);
+    const paced = await store.acquireRate(key, 10, 10_000, 5000, 1);
     expect(paced.ok).toBe(true);
     if (paced.ok) expect(paced.waitMs).toBeGreaterThan(500);
     if (paced.ok) expect(paced.waitMs).toBeLessThanOrEqual(1000);
@@ -60,11 +60,22 @@ describe.each(backends)('%s backend', (_name, make) => {
 
   test('rate: 20 concurrent acquisitions get distinct slots, and only those within the wait', async () => {
     const key = fresh('rate');
-    const grants = await Promise.all(Array.from({ length: 20 }, () => store.acquireRate(key, 10, 10_000, 5000)));
+    const grants = await Promise.all(Array.from({ length: 20 }, () => store.acquireRate(key, 10, 10_000, 5000, 1)));
     const waits = grants.filter((g) => g.ok).map((g) => (g.ok ? Math.round(g.waitMs / 1000) : -1));
     // Slots at 0, 1, ... 5 s: six fit within a 5 s wait.
     expect(waits.sort((a, b) => a - b)).toEqual([0, 1, 2, 3, 4, 5]);
     expect(grants.filter((g) => !g.ok)).toHaveLength(14);
+  });
+
+  test('rate: a cost takes that many slots, and the next caller waits for all of them', async () => {
+    const key = fresh('rate');
+    // 10 per 10 s: one slot a second; three recipients take three.
+    expect(await store.acquireRate(key, 10, 10_000, 5000, 3)).toEqual({ ok: true, waitMs: 0 });
+    const next = await store.acquireRate(key, 10, 10_000, 5000, 1);
+    expect(next.ok).toBe(true);
+    if (next.ok) expect(next.waitMs).toBeGreaterThan(2500);
+    if (next.ok) expect(next.waitMs).toBeLessThanOrEqual(3000);
+    expect(await store.rateAvailable(key, 10, 10_000)).toBe(6);
   });
 
   test('quota: 50 concurrent reservations against a limit of 5 grant exactly 5', async () => {
@@ -220,7 +231,7 @@ describe('redis backend across instances', () => {
 
   test('no key lives for ever unless a selector set it without ttl', async () => {
     const store = await redisStore('ttl:');
-    await store.acquireRate('ds:r', 5, 1000, 0);
+    await store.acquireRate('ds:r', 5, 1000, 0, 1);
     await store.reserveQuota('ds:q', 'id', 1, 5, 60_000);
     await store.recordFailure('ds:h', { code: 'ECONNECTION', at: Date.now() }, { baseMs: 1000, maxMs: 2000 });
     await store.recordLoginFailure('login:ip:1.2.3.4', 60_000);

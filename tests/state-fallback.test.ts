@@ -110,7 +110,7 @@ test('a hung Redis (SIGSTOP) costs one call its deadline, then calls go local at
     expect(Date.now() - started).toBeLessThan(2000);
     expect(store.status().degraded).toBe(true);
     started = Date.now();
-    for (let i = 0; i < 20; i++) await store.acquireRate('ds:r', 100, 1000, 1000);
+    for (let i = 0; i < 20; i++) await store.acquireRate('ds:r', 100, 1000, 1000, 1);
     expect(Date.now() - started).toBeLessThan(500);
   } finally {
     redis.resume();

@@ -51,8 +51,8 @@ export class FallbackStateStore implements StateStore {
     if (!(await this.primary.ready(ms))) this.degrade(`no connection within ${ms} ms`);
   }
 
-  acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number): Promise<RateGrant> {
-    return this.run((s) => s.acquireRate(key, limit, periodMs, maxWaitMs));
+  acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number, cost: number): Promise<RateGrant> {
+    return this.run((s) => s.acquireRate(key, limit, periodMs, maxWaitMs, cost));
   }
 
   rateAvailable(key: string, limit: number, periodMs: number): Promise<number> {

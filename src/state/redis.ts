@@ -47,14 +47,14 @@ end
 `;
 
 const SCRIPTS = {
-  /** GCRA: the key holds the theoretical arrival time of the next slot. ARGV: interval, maxWait. */
+  /** GCRA: the key holds the theoretical arrival time of the next slot. ARGV: interval, maxWait, cost (slots taken). */
   acquireRate: `${NOW}
-local interval, maxWait = tonumber(ARGV[1]), tonumber(ARGV[2])
+local interval, maxWait, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), math.max(1, tonumber(ARGV[3]))
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local wait = tat - now
 if wait > maxWait then return {0, math.ceil(wait)} end
-local nextTat = tat + interval
+local nextTat = tat + interval * cost
 redis.call('SET', KEYS[1], string.format('%.3f', nextTat), 'PX', math.max(1, math.ceil(nextTat - now)))
 return {1, math.ceil(wait)}`,
 
@@ -209,8 +209,8 @@ export class RedisStateStore implements StateStore {
     await this.command(['PING']);
   }
 
-  async acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number): Promise<RateGrant> {
-    const [ok, ms] = (await this.script('acquireRate', [this.key('rate', key)], [String(periodMs / limit), String(maxWaitMs)])) as [number, number];
+  async acquireRate(key: string, limit: number, periodMs: number, maxWaitMs: number, cost: number): Promise<RateGrant> {
+    const [ok, ms] = (await this.script('acquireRate', [this.key('rate', key)], [String(periodMs / limit), String(maxWaitMs), String(cost)])) as [number, number];
     return ok === 1 ? { ok: true, waitMs: ms } : { ok: false, retryInMs: ms };
   }
 
