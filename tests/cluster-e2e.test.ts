@@ -1,14 +1,16 @@
 // Two SMTP Mux processes (`node dist/cli.js serve`, the way they run in production) sharing one real
 // redis-server: what one instance counts, the other honours; when Redis dies mid-load no message is
 // lost and both go on with local limits; when it comes back, limits are shared again without a restart.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { envWithout, startServe, type ServeProcess } from './support/cli';
 import { sendWithNodemailer } from './support/clients';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startDownstream, type Downstream } from './support/downstream';
-import { startRedis, type RedisServer } from './support/redis';
+import { freePort, startRedis, type RedisServer } from './support/redis';
 
 let dir: string;
 let redis: RedisServer;
@@ -77,4 +79,103 @@ test('killing Redis mid-load loses no message; both instances go local and say s
   expect(a.child.exitCode).toBeNull();
   expect(b.child.exitCode).toBeNull();
   await stopAll([a, b]);
+});
+
+/** HAProxy (the Debian package) in TCP mode in front of the instances, each connection with a PROXY v1 header. */
+async function startHaproxy(backends: number[], source: string): Promise<{ port: number; stop(): Promise<void> }> {
+  const port = await freePort();
+  const cfg = path.join(dir, `haproxy-${port}.cfg`);
+  writeFileSync(
+    cfg,
+    [
+      'defaults',
+      '  mode tcp',
+      '  timeout connect 2s',
+      '  timeout client 30s',
+      '  timeout server 30s',
+      'frontend smtp',
+      `  bind 127.0.0.1:${port}`,
+      '  default_backend mux',
+      'backend mux',
+      '  balance roundrobin',
+      // HAProxy connects from its own address, so an instance that ignored the PROXY header would see this one.
+      `  source ${source}`,
+      ...backends.map((p, i) => `  server mux${i} 127.0.0.1:${p} send-proxy`),
+      '',
+    ].join('\n'),
+  );
+  const bin = ['/usr/sbin/haproxy', '/usr/local/sbin/haproxy'].find((f) => existsSync(f)) ?? 'haproxy';
+  const child = spawn(bin, ['-db', '-f', cfg], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+  const deadline = Date.now() + 10_000;
+  while (!(await listening(port))) {
+    if (child.exitCode !== null || Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`haproxy did not start: ${stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    port,
+    async stop() {
+      if (child.exitCode === null) {
+        child.kill('SIGKILL');
+        await new Promise((r) => child.once('exit', r));
+      }
+    },
+  };
+}
+
+function listening(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port }, () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+  });
+}
+
+/** One message through `port` from the client address `from`. */
+const sendFrom = (port: number, from: string, pass: string, subject: string) =>
+  sendWithNodemailer(port, { subject }, { user: 'test@user.com', pass }, { localAddress: from });
+
+test('behind HAProxy with PROXY protocol, both instances see the client address and share its login penalty; messages spread over both', async () => {
+  const config = testConfig({
+    selector: 'round-robin.js',
+    downstreams: [{ name: 'inbox', addr: inbox.addr }],
+    ...TEST_LIMITS,
+    proxy_protocol: true,
+    login_penalty: { failure_delay_ms: 50, free_failures: 10, lockout_failures: 4, window_ms: 60_000 },
+    state: { redis: redis.url, prefix: 'e2e-haproxy:' },
+  });
+  const [a, b] = await startInstances('haproxy', config);
+  const haproxy = await startHaproxy([a.port, b.port], '127.0.0.2');
+  try {
+    const before = inbox.received.length;
+    // Ten messages from 127.0.0.3, one connection each: round robin puts five on each instance.
+    for (let i = 0; i < 10; i++) expect(await sendFrom(haproxy.port, '127.0.0.3', 'password123', `lb ${i}`)).toMatchObject({ ok: true });
+    expect(inbox.received.length - before).toBe(10);
+    for (const p of [a, b]) expect(p.stdout().match(/"message delivered"/g)?.length).toBe(5);
+
+    // Four wrong passwords from 127.0.0.4, two on each instance: the shared count locks the address out
+    // on both, the right password included.
+    for (let i = 0; i < 4; i++) expect(await sendFrom(haproxy.port, '127.0.0.4', 'wrong', `guess ${i}`)).toMatchObject({ ok: false, code: 535 });
+    for (let i = 0; i < 2; i++) {
+      const locked = await sendFrom(haproxy.port, '127.0.0.4', 'password123', `locked ${i}`);
+      expect(locked.ok).toBe(false);
+      expect(String(locked.code)).toMatch(/^4/);
+    }
+    // The instances logged the client's address, never HAProxy's.
+    for (const p of [a, b]) {
+      expect(p.stdout()).toMatch(/"remote":"127\.0\.0\.4"/);
+      expect(p.stdout()).not.toContain('127.0.0.2');
+    }
+    // Another client is not affected.
+    expect(await sendFrom(haproxy.port, '127.0.0.5', 'password123', 'other client')).toMatchObject({ ok: true });
+  } finally {
+    await haproxy.stop();
+    await stopAll([a, b]);
+  }
 });

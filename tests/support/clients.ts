@@ -13,10 +13,13 @@ export async function sendWithNodemailer(
   port: number,
   message: { from?: string; to?: string | string[]; subject?: string; text?: string; raw?: string | Buffer; attachments?: { filename: string; content: Buffer }[] },
   auth: { user: string; pass: string } | null = { user: 'test@user.com', pass: 'password123' },
+  /** `localAddress`: the client's own address (loopback has all of 127.0.0.0/8). */
+  options: { localAddress?: string } = {},
 ): Promise<Sent> {
   const transport = nodemailer.createTransport({
     host: '127.0.0.1',
     port,
+    localAddress: options.localAddress,
     secure: false,
     ignoreTLS: true,
     auth: auth ?? undefined,
