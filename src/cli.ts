@@ -153,7 +153,7 @@ function probeHost(host: string): string {
  */
 async function health(config: string): Promise<number> {
   const envHttpPort = Number(process.env.SMTPMUX_HTTP_PORT || 0);
-  let target: { kind: 'http' | 'smtp'; host: string; port: number } | undefined;
+  let target: { kind: 'http' | 'smtp'; host: string; port: number; proxyProtocol?: boolean } | undefined;
   if (envHttpPort) target = { kind: 'http', host: probeHost(process.env.SMTPMUX_HTTP_HOST || '127.0.0.1'), port: envHttpPort };
   else {
     const { loadConfig } = await import('./config/load');
@@ -161,7 +161,7 @@ async function health(config: string): Promise<number> {
       const loaded = await loadConfig(config);
       target = loaded.http
         ? { kind: 'http', host: probeHost(loaded.http.host), port: loaded.http.port }
-        : { kind: 'smtp', host: probeHost(loaded.listen.host), port: loaded.listen.port };
+        : { kind: 'smtp', host: probeHost(loaded.listen.host), port: loaded.listen.port, proxyProtocol: loaded.proxyProtocol };
     } catch (err) {
       // Without a readable config, SMTPMUX_PORT alone still allows the SMTP check.
       const port = Number(process.env.SMTPMUX_PORT || 0);
@@ -191,6 +191,8 @@ async function health(config: string): Promise<number> {
       socket.destroy();
       resolve(code === 0 ? 0 : fail(why));
     };
+    // Behind a load balancer (proxy_protocol) the server waits for a PROXY header before its greeting.
+    if (target.proxyProtocol) socket.once('connect', () => socket.write(`PROXY TCP4 127.0.0.1 127.0.0.1 0 ${port}\r\n`));
     socket.setTimeout(5000, () => done(1, `no greeting from ${shown} within 5 s`));
     socket.once('error', (err) => done(1, `${shown}: ${err.message}`));
     socket.once('data', (chunk) => {

@@ -150,3 +150,52 @@ describe('sessions end with their password', () => {
     expect((await swaks(proxy.port)).stdout).toMatch(/535 /);
   });
 });
+
+describe('proxy_protocol', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    proxy = await startProxy({
+      'config.yaml': testConfig({
+        selector: 'round-robin.js',
+        downstreams: [{ name: 'only', addr: ds.addr }],
+        ...TEST_LIMITS,
+        proxy_protocol: true,
+        max_connections_per_address: 1,
+        login_penalty: { failure_delay_ms: 10 },
+      }),
+    });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  /** A connection as a load balancer makes it: a PROXY v1 header naming the client, then SMTP. */
+  const viaBalancer = async (client: string): Promise<RawSmtp> => {
+    const { connect } = await import('node:net');
+    const socket = connect({ host: '127.0.0.1', port: proxy.port });
+    await new Promise((r) => socket.once('connect', r));
+    socket.write(`PROXY TCP4 ${client} 127.0.0.1 40000 25\r\n`);
+    return connectRaw(0, 15_000, { socket });
+  };
+
+  test('the address in the PROXY header is the client for limits and logs', async () => {
+    const first = await viaBalancer('203.0.113.7');
+    const second = await viaBalancer('203.0.113.7');
+    const other = await viaBalancer('198.51.100.9');
+    try {
+      expect(first.greeting.code).toBe(220);
+      // One connection per address here: the same client again is refused, another client is not.
+      expect(second.greeting.text).toMatch(/^421 4\.7\.0 Too many connections from your address/);
+      expect(other.greeting.code).toBe(220);
+      await first.command('EHLO client.example');
+      expect((await first.command(`AUTH PLAIN ${plainAuth('test@user.com', 'wrong')}`)).code).toBe(535);
+    } finally {
+      for (const s of [first, second, other]) s.close();
+    }
+    expect(proxy.logs.some((l) => l.msg === 'authentication failed' && l.remote === '203.0.113.7')).toBe(true);
+  });
+});

@@ -22,9 +22,12 @@ export interface RawSmtp {
   close(): void;
 }
 
-/** `localAddress` picks the client's source address (127.0.0.2 is another client on loopback). */
-export async function connectRaw(port: number, timeoutMs = 15_000, options: { localAddress?: string } = {}): Promise<RawSmtp> {
-  const socket = net.connect({ host: '127.0.0.1', port, localAddress: options.localAddress });
+/**
+ * `localAddress` picks the client's source address (127.0.0.2 is another client on loopback); `socket`
+ * continues on a connected socket instead (one that has sent a PROXY header, say).
+ */
+export async function connectRaw(port: number, timeoutMs = 15_000, options: { localAddress?: string; socket?: net.Socket } = {}): Promise<RawSmtp> {
+  const socket = options.socket ?? net.connect({ host: '127.0.0.1', port, localAddress: options.localAddress });
   socket.setNoDelay(true);
   let buffered = '';
   let waiting: { resolve: (r: Reply) => void; reject: (e: Error) => void } | undefined;
@@ -75,10 +78,12 @@ export async function connectRaw(port: number, timeoutMs = 15_000, options: { lo
       pump();
     });
 
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', () => resolve());
-    socket.once('error', reject);
-  });
+  if (socket.connecting) {
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', () => resolve());
+      socket.once('error', reject);
+    });
+  }
   const greeting = await next();
 
   const command = (line: string): Promise<Reply> => {
