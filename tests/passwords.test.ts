@@ -121,6 +121,37 @@ describe('hashed passwords', () => {
     expect(problems).not.toContain('hunter2');
   });
 
+  test('smtpmux hash-password on a terminal asks twice and echoes nothing typed', async () => {
+    // A real pseudo-terminal (python's pty): type the password as soon as each prompt shows.
+    const driver = `
+import os, pty, sys, time, select
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], [sys.argv[1], sys.argv[2], 'hash-password'])
+out = b''
+def read_until(token, timeout=20):
+    global out
+    end = time.time() + timeout
+    while token not in out and time.time() < end:
+        if select.select([fd], [], [], 0.2)[0]:
+            try: out += os.read(fd, 4096)
+            except OSError: break
+for prompt in (b'Password: ', b'Again: '):
+    read_until(prompt)
+    os.write(fd, b'typed-secret-77\\r')
+read_until(b'$argon2id$')
+read_until(b'\\n', 5)
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode('utf8', 'replace'))
+`;
+    const result = await run('python3', ['-c', driver, process.execPath, CLI]);
+    expect(result.stdout).toMatch(/Password: /);
+    expect(result.stdout).toMatch(/Again: /);
+    expect(result.stdout).not.toContain('typed-secret-77');
+    const hash = /\$argon2id\$\S+/.exec(result.stdout)?.[0] ?? '';
+    expect(await storedPassword(hash).verify('typed-secret-77')).toBe(true);
+  });
+
   test('smtpmux hash-password refuses an empty password', async () => {
     const result = await cliWithInput(['hash-password'], '\n');
     expect(result.code).toBe(1);

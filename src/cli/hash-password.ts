@@ -6,10 +6,11 @@ import { hashPassword } from '../auth/password';
 /** One line typed on the terminal, not echoed. Rejects on Ctrl+C or Ctrl+D. */
 function readHidden(prompt: string): Promise<string> {
   const input = process.stdin;
+  // Echo off before the prompt shows: what is typed as soon as it appears must not be echoed either.
+  input.setRawMode(true);
   process.stderr.write(prompt);
   return new Promise((resolve, reject) => {
     let line = '';
-    input.setRawMode(true);
     input.resume();
     input.setEncoding('utf8');
     const done = (err?: Error): void => {
