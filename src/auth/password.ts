@@ -3,6 +3,7 @@
 // `{BLF-CRYPT}$2y$...`, what `htpasswd -B` writes) are verified; anything else is a plaintext password
 // (the Go original's configs), compared in constant time.
 import { createHash, timingSafeEqual } from 'node:crypto';
+import os from 'node:os';
 import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
 import { bcryptVerify } from './bcrypt-pool';
 
@@ -21,6 +22,27 @@ const ARGON2ID = /^\$argon2id\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z
 const BCRYPT = /^\$2[aby]\$\d{2}\$[./A-Za-z0-9]{53}$/;
 const DOVECOT_PREFIX = /^\{(ARGON2ID|BLF-CRYPT)\}/i;
 const PLAIN_PREFIX = /^\{(PLAIN|CLEARTEXT)\}/i;
+
+/**
+ * argon2 runs on libuv's pool (4 threads by default, 19 MiB each): on a small machine a burst of logins
+ * would take every core from the event loop. At most one verification per core but one runs at a time.
+ */
+const ARGON2_AT_ONCE = Math.max(1, os.availableParallelism() - 1);
+let argon2Running = 0;
+const argon2Waiting: (() => void)[] = [];
+
+async function limitedArgon2Verify(hash: string, given: string): Promise<boolean> {
+  // A finished verification hands its slot straight to the next in line.
+  if (argon2Running >= ARGON2_AT_ONCE) await new Promise<void>((resolve) => argon2Waiting.push(resolve));
+  else argon2Running++;
+  try {
+    return await argon2Verify(hash, given).catch(() => false);
+  } finally {
+    const next = argon2Waiting.shift();
+    if (next) next();
+    else argon2Running--;
+  }
+}
 
 const sha256 = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest();
 
@@ -45,7 +67,7 @@ export function storedPassword(stored: string): StoredPassword {
   const id = sha256(`${scheme}\0${stored}`).toString('hex').slice(0, 16);
   switch (scheme) {
     case 'argon2id':
-      return { scheme, id, verify: (given) => argon2Verify(hash, given).catch(() => false) };
+      return { scheme, id, verify: (given) => limitedArgon2Verify(hash, given) };
     case 'bcrypt':
       // bcrypt reads at most 72 bytes; bcryptjs treats $2y$ as $2b$ (they are the same algorithm).
       return { scheme, id, verify: (given) => bcryptVerify(given, hash) };
