@@ -3,7 +3,7 @@
 // clearing, login counters that expire, and ctx.state's get/set/incr with ttl.
 import { MemoryStateStore } from '../src/state/memory';
 import { RedisStateStore } from '../src/state/redis';
-import { StateTypeError, type StateStore } from '../src/state/store';
+import { StateFullError, StateTypeError, type StateStore } from '../src/state/store';
 import { startRedis, type RedisServer } from './support/redis';
 
 let redis: RedisServer;
@@ -198,6 +198,22 @@ describe.each(backends)('%s backend', (_name, make) => {
     await store.set(text, '1.5');
     await expect(store.incr(text, 1)).rejects.toBeInstanceOf(StateTypeError);
     expect(await store.get(text)).toBe('1.5');
+  });
+
+  test('values: a scope holds at most maxKeys live keys; its keys stay writable, and an expired one frees its place', async () => {
+    const scope = { name: fresh('sel:scope'), maxKeys: 2 };
+    const k = (name: string): string => `${scope.name}:${name}`;
+    await store.set(k('a'), '1', 200, scope);
+    expect(await store.incr(k('b'), 1, undefined, scope)).toBe(1);
+    await expect(store.set(k('c'), '1', undefined, scope)).rejects.toBeInstanceOf(StateFullError);
+    await expect(store.incr(k('c'), 1, undefined, scope)).rejects.toBeInstanceOf(StateFullError);
+    expect(await store.get(k('c'))).toBeUndefined();
+    await store.set(k('b'), '5', undefined, scope);
+    expect(await store.incr(k('b'), 1, undefined, scope)).toBe(6);
+    await sleep(250);
+    await store.set(k('c'), '"in"', undefined, scope);
+    expect(await store.get(k('c'))).toBe('"in"');
+    await expect(store.incr(k('d'), 1, undefined, scope)).rejects.toBeInstanceOf(StateFullError);
   });
 
   test('values: 50 concurrent increments each see a distinct value', async () => {

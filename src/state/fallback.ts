@@ -7,7 +7,7 @@
 import type { Logger } from '../observe/logger';
 import { MemoryStateStore } from './memory';
 import type { RedisStateStore } from './redis';
-import { StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateStatus, type StateStore } from './store';
+import { StateFullError, StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateScope, type StateStatus, type StateStore } from './store';
 
 export interface FallbackOptions {
   /** First pause before probing Redis again; doubles up to maxProbeMs. */
@@ -121,12 +121,12 @@ export class FallbackStateStore implements StateStore {
     return this.run((s) => s.get(key));
   }
 
-  set(key: string, json: string, ttlMs?: number): Promise<void> {
-    return this.run((s) => s.set(key, json, ttlMs));
+  set(key: string, json: string, ttlMs?: number, scope?: StateScope): Promise<void> {
+    return this.run((s) => s.set(key, json, ttlMs, scope));
   }
 
-  incr(key: string, by: number, ttlMs?: number): Promise<number> {
-    return this.run((s) => s.incr(key, by, ttlMs));
+  incr(key: string, by: number, ttlMs?: number, scope?: StateScope): Promise<number> {
+    return this.run((s) => s.incr(key, by, ttlMs, scope));
   }
 
   status(): StateStatus {
@@ -157,9 +157,9 @@ export class FallbackStateStore implements StateStore {
     this.degrade(reason);
   }
 
-  /** A script's own error (a value that is not an integer) is the caller's; anything else means Redis is not usable now. */
+  /** A script's own error (a value that is not an integer, a full scope) is the caller's; anything else means Redis is not usable now. */
   private failed(err: unknown): void {
-    if (err instanceof StateTypeError) throw err;
+    if (err instanceof StateTypeError || err instanceof StateFullError) throw err;
     this.degrade((err as Error)?.message ?? String(err));
   }
 

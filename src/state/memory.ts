@@ -1,7 +1,7 @@
 // The in-process StateStore: each operation is one synchronous block, so it is atomic by construction.
 // Entries that expire are dropped when touched and by a sweep every few thousand operations, so keys
 // that are never read again (a login from an address seen once) do not pile up.
-import { StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateStatus, type StateStore } from './store';
+import { StateFullError, StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateScope, type StateStatus, type StateStore } from './store';
 
 interface Health {
   failures: number;
@@ -25,6 +25,8 @@ export class MemoryStateStore implements StateStore {
   private readonly healths = new Map<string, Health>();
   private readonly logins = new Map<string, Expiring<number>>();
   private readonly values = new Map<string, Expiring<string>>();
+  /** Keys each scope created; some may have expired since (dropped when the scope is counted). */
+  private readonly scopes = new Map<string, Set<string>>();
   private operations = 0;
 
   constructor(private readonly now: () => number = Date.now) {}
@@ -112,17 +114,20 @@ export class MemoryStateStore implements StateStore {
     return this.live(this.values, key, this.tick());
   }
 
-  async set(key: string, json: string, ttlMs?: number): Promise<void> {
+  async set(key: string, json: string, ttlMs?: number, scope?: StateScope): Promise<void> {
     const now = this.tick();
+    if (scope) this.admit(key, scope, now);
     this.values.set(key, { value: json, expiresAt: ttlMs === undefined ? Infinity : now + ttlMs });
   }
 
-  async incr(key: string, by: number, ttlMs?: number): Promise<number> {
+  async incr(key: string, by: number, ttlMs?: number, scope?: StateScope): Promise<number> {
     const now = this.tick();
     const current = this.live(this.values, key, now);
+    if (scope && current === undefined) this.admit(key, scope, now);
     const value = current === undefined ? 0 : Number(current);
     if (!Number.isSafeInteger(value)) throw new StateTypeError(key);
     const next = value + by;
+    if (!Number.isSafeInteger(next)) throw new StateTypeError(key);
     // A ttl given to incr applies when the key is created, as a counter window (Redis: SET NX PX, INCRBY).
     const expiresAt = current === undefined ? (ttlMs === undefined ? Infinity : now + ttlMs) : this.values.get(key)!.expiresAt;
     this.values.set(key, { value: String(next), expiresAt });
@@ -139,6 +144,19 @@ export class MemoryStateStore implements StateStore {
     this.healths.clear();
     this.logins.clear();
     this.values.clear();
+    this.scopes.clear();
+  }
+
+  /** Lets `key` into its scope, or throws StateFullError when the scope holds maxKeys live keys without it. */
+  private admit(key: string, scope: StateScope, now: number): void {
+    let members = this.scopes.get(scope.name);
+    if (!members) this.scopes.set(scope.name, (members = new Set()));
+    if (members.has(key) && this.live(this.values, key, now) !== undefined) return;
+    if (members.size >= scope.maxKeys) {
+      for (const member of members) if (this.live(this.values, member, now) === undefined) members.delete(member);
+      if (members.size >= scope.maxKeys) throw new StateFullError(scope.name);
+    }
+    members.add(key);
   }
 
   private window(key: string, windowMs: number, now: number) {

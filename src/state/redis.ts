@@ -4,7 +4,7 @@
 // not fire for a command already written to a server that stopped answering (checked here with SIGSTOP).
 import { createHash } from 'node:crypto';
 import { createClient } from 'redis';
-import { StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateStatus, type StateStore } from './store';
+import { StateFullError, StateTypeError, type HealthSnapshot, type LastError, type QuotaGrant, type QuotaSnapshot, type RateGrant, type StateScope, type StateStatus, type StateStore } from './store';
 
 export interface RedisStateOptions {
   /** redis://[[user][:password]@]host[:port][/db] (rediss:// for TLS). */
@@ -46,7 +46,31 @@ local function oldest(window)
 end
 `;
 
+// A scope (ctx.state's keys of one user) is a sorted set of member → expiry (ms, +inf for none), KEYS[2],
+// with ARGV[3] = maxKeys and ARGV[4] = the member; admit() lets a new key in if the scope has room.
+const ADMIT = `local function admit(ttl)
+  if #KEYS < 2 then return true end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return false end
+  if ttl ~= '' then redis.call('ZADD', KEYS[2], now + tonumber(ttl), ARGV[4]) else redis.call('ZADD', KEYS[2], '+inf', ARGV[4]) end
+  return true
+end
+`;
+
 const SCRIPTS = {
+  /** SET in a scope. ARGV: json, ttl ('' = none), maxKeys, member. */
+  scopedSet: `${NOW}${ADMIT}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if not admit(ARGV[2]) then return redis.error_reply('SMTPMUX_STATE_FULL') end
+elseif ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[4])
+else
+  redis.call('ZADD', KEYS[2], '+inf', ARGV[4])
+end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
+return 1`,
+
   /** GCRA: the key holds the theoretical arrival time of the next slot. ARGV: interval, maxWait, cost (slots taken). */
   acquireRate: `${NOW}
 local interval, maxWait, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), math.max(1, tonumber(ARGV[3]))
@@ -132,14 +156,21 @@ return {now, redis.call('HGETALL', KEYS[1])}`,
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return count`,
 
-  /** ARGV: by, ttl ('' = none). A ttl applies when the key is created, as a counter window. */
-  incr: `local current = redis.call('GET', KEYS[1])
+  /**
+   * ARGV: by, ttl ('' = none). A ttl applies when the key is created, as a counter window. With a scope
+   * (KEYS[2], ARGV: maxKeys, member) a key it creates must fit in the scope.
+   */
+  incr: `${NOW}${ADMIT}
+local current = redis.call('GET', KEYS[1])
 local value = 0
 if current then
   value = tonumber(current)
   if value == nil or value ~= math.floor(value) or math.abs(value) > 9007199254740991 then return redis.error_reply('SMTPMUX_NOT_INTEGER') end
 end
-local nextValue = string.format('%.0f', value + tonumber(ARGV[1]))
+local sum = value + tonumber(ARGV[1])
+if math.abs(sum) > 9007199254740991 then return redis.error_reply('SMTPMUX_NOT_INTEGER') end
+local nextValue = string.format('%.0f', sum)
+if not current and not admit(ARGV[2]) then return redis.error_reply('SMTPMUX_STATE_FULL') end
 if current then
   redis.call('SET', KEYS[1], nextValue, 'KEEPTTL')
 elseif ARGV[2] ~= '' then
@@ -277,16 +308,28 @@ export class RedisStateStore implements StateStore {
     return ((await this.command(['GET', this.key('value', key)])) as string | null) ?? undefined;
   }
 
-  async set(key: string, json: string, ttlMs?: number): Promise<void> {
+  async set(key: string, json: string, ttlMs?: number, scope?: StateScope): Promise<void> {
     if (ttlMs !== undefined && ttlMs <= 0) await this.command(['DEL', this.key('value', key)]);
+    else if (scope) await this.scoped('scopedSet', key, [json, ttlMs === undefined ? '' : px(ttlMs)], scope);
     else await this.command(['SET', this.key('value', key), json, ...(ttlMs === undefined ? [] : ['PX', px(ttlMs)])]);
   }
 
-  async incr(key: string, by: number, ttlMs?: number): Promise<number> {
+  async incr(key: string, by: number, ttlMs?: number, scope?: StateScope): Promise<number> {
     try {
-      return Number(await this.script('incr', [this.key('value', key)], [String(by), ttlMs === undefined ? '' : px(ttlMs)]));
+      const args = [String(by), ttlMs === undefined ? '' : px(ttlMs)];
+      return Number(scope ? await this.scoped('incr', key, args, scope) : await this.script('incr', [this.key('value', key)], args));
     } catch (err) {
       if (err instanceof StateUnavailableError && err.message.includes('SMTPMUX_NOT_INTEGER')) throw new StateTypeError(key);
+      throw err;
+    }
+  }
+
+  /** A value script with the key's scope: one sorted set per scope (a Redis Cluster would need the key and its scope in one slot). */
+  private async scoped(name: ScriptName, key: string, args: string[], scope: StateScope): Promise<unknown> {
+    try {
+      return await this.script(name, [this.key('value', key), this.key('scope', scope.name)], [...args, String(scope.maxKeys), key]);
+    } catch (err) {
+      if (err instanceof StateUnavailableError && err.message.includes('SMTPMUX_STATE_FULL')) throw new StateFullError(scope.name);
       throw err;
     }
   }

@@ -85,16 +85,34 @@ export interface StateStore {
   loginFailures(key: string): Promise<number>;
   clearLoginFailures(key: string): Promise<void>;
 
-  /** ctx.state: values are JSON text, bounded by the caller. */
+  /**
+   * ctx.state: values are JSON text, bounded by the caller. With `scope`, a set or incr that would create
+   * a key in a scope already holding `maxKeys` live keys throws StateFullError and changes nothing
+   * (keys that exist may always be written).
+   */
   get(key: string): Promise<string | undefined>;
-  set(key: string, json: string, ttlMs?: number): Promise<void>;
+  set(key: string, json: string, ttlMs?: number, scope?: StateScope): Promise<void>;
   /** Adds `by` to an integer (a missing key counts as 0) and returns the result; a non-integer value throws StateTypeError. */
-  incr(key: string, by: number, ttlMs?: number): Promise<number>;
+  incr(key: string, by: number, ttlMs?: number, scope?: StateScope): Promise<number>;
 
   /** Synchronous and cheap: a metrics scrape or a readiness probe may call it. */
   status(): StateStatus;
 
   close(): Promise<void>;
+}
+
+/** A group of keys with a bound on how many may live at once (one user's ctx.state). */
+export interface StateScope {
+  readonly name: string;
+  readonly maxKeys: number;
+}
+
+/** A set or incr that would create one key too many in its scope. */
+export class StateFullError extends Error {
+  constructor(readonly scope: string) {
+    super(`state scope "${scope}" is full`);
+    this.name = 'StateFullError';
+  }
 }
 
 /** incr() on a value that is not an integer. */
