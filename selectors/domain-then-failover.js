@@ -2,7 +2,7 @@
 /// <reference path="./smtpmux.d.ts" />
 /**
  * Domain then failover: prefer the downstreams tagged for the recipient's domain, fail over to all the
- * others, and stop early when the message itself is refused. Drives send() directly.
+ * others, and stop early when the message itself is refused. Drives ctx.send() directly.
  *
  * The downstreams tagged `domain:<first recipient's domain>` are tried first, then every other downstream,
  * each group in config order, until one accepts. A temporary failure (4xx, connection refused, timeout)
@@ -35,9 +35,10 @@ function refusesMessage(err) {
 /**
  * @param {Message} message
  * @param {readonly Downstream[]} downstreams
+ * @param {Ctx} ctx this message's send(), log() and state
  * @returns {Promise<SelectResult>}
  */
-async function select(message, downstreams) {
+async function select(message, downstreams, ctx) {
   if (downstreams.length === 0) return 'no downstream is configured';
   const first = (message.to[0] ?? '').trim().replace(/^<|>$/g, '');
   const domain = first.slice(first.lastIndexOf('@') + 1).toLowerCase();
@@ -49,15 +50,15 @@ async function select(message, downstreams) {
   let last;
   for (const ds of order) {
     try {
-      await send(ds);
+      await ctx.send(ds);
       return undefined; // delivered
     } catch (err) {
       if (!(err instanceof SendError)) throw err; // a bug, not a delivery failure
       if (err.code === 'SMTPMUX_SEND_LIMIT') break;
       last = err;
-      log(`${message.id}: ${ds.name} failed: ${err.code} ${err.responseCode ?? ''} ${err.message}`);
+      ctx.log(`${message.id}: ${ds.name} failed: ${err.code} ${err.responseCode ?? ''} ${err.message}`);
       if (refusesMessage(err)) {
-        log(`${message.id}: ${ds.name} refused the message permanently; not trying the other downstreams`);
+        ctx.log(`${message.id}: ${ds.name} refused the message permanently; not trying the other downstreams`);
         throw err;
       }
     }

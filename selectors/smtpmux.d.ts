@@ -8,8 +8,8 @@
 //
 // and annotate the entry point:
 //
-//   /** @param {Message} message @param {readonly Downstream[]} downstreams @returns {SelectResult} */
-//   function select(message, downstreams) { ... }
+//   /** @param {Message} message @param {readonly Downstream[]} downstreams @param {Ctx} ctx @returns {SelectResult} */
+//   function select(message, downstreams, ctx) { ... }
 //
 // This file is a global declaration file (no import/export): every name below is a global of the sandbox.
 // There is no require, process, timers, fs or network inside the sandbox, so none is declared here.
@@ -101,6 +101,8 @@ type SendErrorCode =
   | 'SMTPMUX_SEND_LIMIT'
   /** The selector run for this message is already over. */
   | 'SMTPMUX_RUN_OVER'
+  /** The global send() was called while no message's run was executing (at load time): use ctx.send(). */
+  | 'SMTPMUX_NO_RUN'
   | (string & {});
 
 /** The plain record a SendError is built from. */
@@ -133,14 +135,77 @@ declare class SendError extends Error {
   readonly permanent: boolean;
 }
 
+/** Codes a StateError may carry. */
+type StateErrorCode =
+  /** The key is not a string of 1 to 200 characters. */
+  | 'SMTPMUX_STATE_BAD_KEY'
+  /** set(): the value has no JSON form (undefined, a function, a BigInt, a cycle). */
+  | 'SMTPMUX_STATE_NOT_JSON'
+  /** set(): the value's JSON is longer than 8192 characters. */
+  | 'SMTPMUX_STATE_TOO_BIG'
+  /** incr(): the step, the stored value or the result is not a safe integer. */
+  | 'SMTPMUX_STATE_NOT_INTEGER'
+  /** ttlMs is not a whole number of milliseconds from 1 to 30 days. */
+  | 'SMTPMUX_STATE_BAD_TTL'
+  /** set()/incr() would create key number 1001 of this user. */
+  | 'SMTPMUX_STATE_FULL'
+  /** This message has used its 50 ctx.state calls. */
+  | 'SMTPMUX_STATE_LIMIT'
+  /** The state backend could not be reached. */
+  | 'SMTPMUX_STATE_UNAVAILABLE'
+  /** The selector run for this message is already over. */
+  | 'SMTPMUX_RUN_OVER'
+  | (string & {});
+
+/** What a ctx.state call rejects with. A global class: test with `err instanceof StateError`. */
+declare class StateError extends Error {
+  readonly name: 'StateError';
+  readonly code: StateErrorCode;
+}
+
 /**
- * Delivers the message through `ds` (a downstream object or its name) now. Resolves with the downstream's
- * reply when it accepted the message; rejects with a SendError otherwise. Once one send() succeeded the
- * message is delivered and later calls reject with code SMTPMUX_ALREADY_DELIVERED.
+ * Small values a script keeps across messages and reloads, per user (scripts of other users never see
+ * them). Every call is async and one atomic step on the host. Values are JSON copies: what `get` returns
+ * is a fresh object, changing it changes nothing until you `set` it. Bounds: keys of 1 to 200
+ * characters, values of at most 8192 characters of JSON, 1000 live keys per user, 50 calls per message.
+ */
+interface State {
+  /** The value stored under `key`, or undefined when there is none (or it expired). */
+  get<T = unknown>(key: string): Promise<T | undefined>;
+  /** Stores a JSON-able value; with `ttlMs` it expires that many milliseconds from now. */
+  set(key: string, value: unknown, options?: { readonly ttlMs?: number }): Promise<void>;
+  /**
+   * Adds `by` (default 1) to the integer under `key` (missing counts as 0) and resolves with the new
+   * value, atomically: concurrent messages never get the same number. `ttlMs` applies when the key is created.
+   */
+  incr(key: string, by?: number, options?: { readonly ttlMs?: number }): Promise<number>;
+}
+
+/**
+ * The run context: the third argument of select(), bound to this message. Prefer it to the global
+ * send()/log(), which only know the message whose step is running.
+ */
+interface Ctx {
+  /**
+   * Delivers this message through `ds` (a downstream object or its name) now. Resolves with the
+   * downstream's reply when it accepted the message; rejects with a SendError otherwise. Once one send()
+   * succeeded the message is delivered and later calls reject with code SMTPMUX_ALREADY_DELIVERED.
+   */
+  send(ds: Downstream | string): Promise<SendResult>;
+  /** Writes a line to SMTP Mux's log with this message's id (values are JSON-encoded; 50 lines and 32 KiB per message). */
+  log(...args: unknown[]): void;
+  /** Values kept across messages and reloads, per user. */
+  readonly state: State;
+}
+
+/**
+ * ctx.send() for the message whose step is running: the one select() was called for, or whose send()
+ * just answered. Rejects with SMTPMUX_NO_RUN when no message is running (at load time). A promise one
+ * message keeps in module state and another awaits runs as the message that settled it: use ctx.send().
  */
 declare function send(ds: Downstream | string): Promise<SendResult>;
 
-/** Writes a line to SMTP Mux's log (values are JSON-encoded; lines and calls per message are bounded). */
+/** ctx.log() for the message whose step is running; throws (code SMTPMUX_NO_RUN) when none is. */
 declare function log(...args: unknown[]): void;
 
 /** console.* are aliases of log(). */
@@ -163,5 +228,5 @@ declare var console: Console;
  */
 type SelectResult = readonly (Downstream | string)[] | Downstream | string | undefined | void;
 
-/** The shape of a selector's entry point: `function select(message, downstreams)`, sync or async. */
-type SelectFunction = (message: Message, downstreams: readonly Downstream[]) => SelectResult | Promise<SelectResult>;
+/** The shape of a selector's entry point: `function select(message, downstreams, ctx)`, sync or async. */
+type SelectFunction = (message: Message, downstreams: readonly Downstream[], ctx: Ctx) => SelectResult | Promise<SelectResult>;

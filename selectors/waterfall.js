@@ -1,7 +1,7 @@
 // @ts-check
 /// <reference path="./smtpmux.d.ts" />
 /**
- * Waterfall: try every downstream in config order, driving send() directly.
+ * Waterfall: try every downstream in config order, driving ctx.send() directly.
  *
  * The first downstream in the config gets every message; when it fails (temporarily or permanently)
  * the failure is logged and the next one is tried, and so on until one accepts. When all of them fail,
@@ -15,26 +15,27 @@
 /**
  * @param {Message} message
  * @param {readonly Downstream[]} downstreams
+ * @param {Ctx} ctx this message's send(), log() and state
  * @returns {Promise<SelectResult>}
  */
-async function select(message, downstreams) {
+async function select(message, downstreams, ctx) {
   if (downstreams.length === 0) return 'no downstream is configured';
   /** @type {SendError | undefined} */
   let last;
   for (const ds of downstreams) {
     try {
-      const result = await send(ds);
-      log(`${message.id}: delivered via ${result.downstream} in ${result.ms} ms`);
+      const result = await ctx.send(ds);
+      ctx.log(`${message.id}: delivered via ${result.downstream} in ${result.ms} ms`);
       return undefined; // delivered: nothing for the host to do
     } catch (err) {
       if (!(err instanceof SendError)) throw err; // a bug, not a delivery failure
       if (err.code === 'SMTPMUX_SEND_LIMIT') {
-        log(`${message.id}: send limit reached before trying ${ds.name}`);
+        ctx.log(`${message.id}: send limit reached before trying ${ds.name}`);
         break;
       }
       last = err;
       const kind = err.permanent ? 'permanent' : 'temporary';
-      log(`${message.id}: ${ds.name} failed (${kind}, ${err.code}${err.responseCode ? ` ${err.responseCode}` : ''}): ${err.message}`);
+      ctx.log(`${message.id}: ${ds.name} failed (${kind}, ${err.code}${err.responseCode ? ` ${err.responseCode}` : ''}): ${err.message}`);
     }
   }
   throw last ?? new SendError({ code: 'SMTPMUX_SEND_LIMIT', downstream: null, permanent: false, message: 'no downstream could be tried' });

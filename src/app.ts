@@ -159,7 +159,7 @@ export class App {
     };
     let built: Awaited<ReturnType<typeof Runtime.build>>;
     try {
-      built = await Runtime.build(config, undefined, hooks);
+      built = await Runtime.build(config, undefined, hooks, state);
     } catch (err) {
       await state.close();
       throw err;
@@ -322,7 +322,7 @@ export class App {
     try {
       const config = await loadConfig(this.options.configPath, this.options.env);
       this.attemptedSelectors = config.users.map((u) => u.selectorPath);
-      const { runtime, changes } = await Runtime.build(config, this.current, this.hooks);
+      const { runtime, changes } = await Runtime.build(config, this.current, this.hooks, this.state);
       const previous = this.current;
       this.current = runtime;
       for (const server of this.servers) {

@@ -69,6 +69,21 @@ export const SEND_CODES = {
   SMTPMUX_ALREADY_DELIVERED: 'This message was already delivered; it is not sent twice',
   SMTPMUX_SEND_LIMIT: 'Too many send() calls for one message',
   SMTPMUX_RUN_OVER: 'The selector run for this message is over',
+  SMTPMUX_NO_RUN: 'No selector run is executing: call send() and log() from select(), or use ctx.send() and ctx.log()',
 } as const;
 
 export type SendCode = keyof typeof SEND_CODES;
+
+/** Codes of the StateError that ctx.state calls reject with. */
+export const STATE_CODES = {
+  SMTPMUX_STATE_BAD_KEY: 'A ctx.state key must be a non-empty string',
+  SMTPMUX_STATE_NOT_JSON: 'A ctx.state value must be JSON-able',
+  SMTPMUX_STATE_TOO_BIG: 'The ctx.state value is too big',
+  SMTPMUX_STATE_NOT_INTEGER: 'incr() needs an integer value and step',
+  SMTPMUX_STATE_BAD_TTL: 'ttlMs must be a whole number of milliseconds',
+  SMTPMUX_STATE_FULL: 'This user holds too many ctx.state keys',
+  SMTPMUX_STATE_LIMIT: 'Too many ctx.state calls for one message',
+  SMTPMUX_STATE_UNAVAILABLE: 'ctx.state is not available right now',
+} as const;
+
+export type StateCode = keyof typeof STATE_CODES;

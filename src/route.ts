@@ -5,6 +5,7 @@ import type { MessageBody } from './message/body';
 import type { Logger } from './observe/logger';
 import type { AttemptResult, Metrics } from './observe/metrics';
 import type { Runtime, UserRuntime } from './runtime';
+import { SelectorState } from './selector/state';
 import type { MessageSummary, RunHost, SelectorOutcome } from './selector/types';
 import type { SmtpMuxError } from './errors';
 import { judge, type Verdict } from './verdict';
@@ -64,6 +65,7 @@ export async function routeMessage(
   const { outcome, verdict, selectorSeconds } = await decide(user, message, delivery, {
     send: (target) => delivery.send(target),
     log: (text) => log.info({ selector, scriptLog: true }, text),
+    state: new SelectorState(runtime.state, user.email),
   });
 
   metrics.selectorRun(selectorSeconds);

@@ -9,7 +9,9 @@ import { storedPassword, type StoredPassword } from './auth/password';
 import { ConfigError, type Config, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/delivery';
-import { SelectorLoadError, SelectorSandbox } from './selector/sandbox';
+import { readSelector, SelectorLoadError, SelectorSandbox } from './selector/sandbox';
+import { MemoryStateStore } from './state/memory';
+import type { StateStore } from './state/store';
 import type { DownstreamView } from './selector/types';
 
 /** A downstream as the delivery uses it, with what a selector is told about it. */
@@ -101,6 +103,8 @@ export class Runtime {
     private readonly users: ReadonlyMap<string, UserRuntime>,
     readonly pools: ReadonlyMap<string, DownstreamPool>,
     readonly sandboxes: ReadonlyMap<string, SelectorSandbox>,
+    /** Host-side state (ctx.state, downstream health): owned by whoever made it (the App), shared by every Runtime. */
+    readonly state: StateStore,
   ) {
     for (const pool of pools.values()) hold(pool);
     for (const sandbox of sandboxes.values()) hold(sandbox);
@@ -109,8 +113,10 @@ export class Runtime {
   /**
    * Builds a Runtime from a validated config, reusing what `previous` already has. Either everything
    * compiles and the new Runtime is returned, or nothing it created survives and RuntimeBuildError says why.
+   * `state` outlives Runtimes (the App makes it once); without it the previous Runtime's is kept, or a
+   * fresh in-memory one is made (`smtpmux check`, `smtpmux try`).
    */
-  static async build(config: Config, previous?: Runtime, hooks: RuntimeHooks = {}): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
+  static async build(config: Config, previous?: Runtime, hooks: RuntimeHooks = {}, state?: StateStore): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
     const settings: PoolSettings = { ...config.delivery, hostname: config.hostname };
     const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb, maxSends: config.limits.maxSends };
     const pools = new Map<string, DownstreamPool>();
@@ -132,9 +138,9 @@ export class Runtime {
       }
       let source: string;
       try {
-        source = await fs.readFile(user.selectorPath, 'utf8');
+        source = await readSelector(user.selectorPath);
       } catch (err) {
-        failures.push(new SelectorLoadError(user.selectorPath, undefined, `cannot read the selector (${(err as NodeJS.ErrnoException).code ?? String(err)})`));
+        failures.push(err as SelectorLoadError);
         return undefined;
       }
       // One isolate per (user, selector file): users never share a heap.
@@ -189,7 +195,7 @@ export class Runtime {
       throw new RuntimeBuildError(failures);
     }
 
-    const runtime = new Runtime(config, users, pools, sandboxes);
+    const runtime = new Runtime(config, users, pools, sandboxes, state ?? previous?.state ?? new MemoryStateStore());
     return { runtime, changes: describeChanges(previous, runtime, compiled) };
   }
 

@@ -10,6 +10,7 @@ import { Metrics } from './observe/metrics';
 import { decide, routeMessage } from './route';
 import { describeLoadFailure, Runtime } from './runtime';
 import { newMessageId } from './smtp/server';
+import { SelectorState } from './selector/state';
 import type { MessageSummary } from './selector/types';
 import type { AttemptResult } from './delivery/pool';
 import { Readable } from 'node:stream';
@@ -164,6 +165,7 @@ export async function runTry(argv: string[]): Promise<number> {
           return record;
         },
         log: (text) => logs.push(text),
+        state: new SelectorState(runtime.state, user.email),
       });
       if (!verdict.delivered) failures++;
       const reply = verdict.error ? `${verdict.error.responseCode} ${verdict.error.message}` : `250 delivered via ${verdict.downstream} (simulated)`;

@@ -3,7 +3,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { summarize } from '../src/message/summary';
-import { SEND_CODES } from '../src/errors';
+import { SEND_CODES, STATE_CODES } from '../src/errors';
 import { Runtime } from '../src/runtime';
 import { parseConfig } from '../src/config/load';
 
@@ -40,4 +40,13 @@ test('the Downstream type script authors see lists exactly the fields a selector
 
 test('every SMTPMUX_* code send() can throw is in the SendErrorCode type', () => {
   for (const code of Object.keys(SEND_CODES)) expect(dts).toContain(`'${code}'`);
+});
+
+test('every code a ctx.state call can reject with is in the StateErrorCode type', () => {
+  const body = /type StateErrorCode =([\s\S]*?);\n/.exec(dts)?.[1] ?? '';
+  for (const code of Object.keys(STATE_CODES)) expect(body).toContain(`'${code}'`);
+});
+
+test('the Ctx type lists what select() gets as its third argument', () => {
+  expect(/interface Ctx \{[\s\S]*?\n\}/.exec(dts)?.[0]).toMatch(/send\(ds[\s\S]*log\([\s\S]*readonly state: State;/);
 });

@@ -1,4 +1,5 @@
 // The plain data that crosses the sandbox boundary, in both directions. Nothing else crosses.
+import type { SelectorState } from './state';
 
 /** What a selector learns about a message: a read-only copy of the envelope and a few headers. */
 export interface MessageSummary {
@@ -42,4 +43,6 @@ export type SelectorOutcome =
 export interface RunHost {
   send(target: string | null): Promise<SendRecord>;
   log(text: string): void;
+  /** ctx.state for the run's user; without it, ctx.state calls fail with SMTPMUX_STATE_UNAVAILABLE. */
+  readonly state?: Pick<SelectorState, 'call'>;
 }
