@@ -6,6 +6,8 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { SelectorSandbox } from '../src/selector/sandbox';
+import { SelectorState } from '../src/selector/state';
+import { MemoryStateStore } from '../src/state/memory';
 import type { DownstreamView, MessageSummary, RunHost, SelectorOutcome, SendRecord } from '../src/selector/types';
 
 const ROOT = path.resolve(__dirname, '..');
@@ -53,6 +55,12 @@ const BUSY_451: Answer = { code: 'EMESSAGE', responseCode: 451, permanent: false
  * A RunHost that plays the given answers (unlisted downstreams accept), refuses a second delivery and
  * sends past `maxSends` like the real host, and records every send() target and log line.
  */
+/** ctx.state of the fake hosts: fresh for each test. */
+let store = new MemoryStateStore();
+beforeEach(() => {
+  store = new MemoryStateStore();
+});
+
 function fakeHost(answers: Record<string, Answer> = {}, maxSends = 5): RunHost & { sends: (string | null)[]; logs: string[] } {
   const sends: (string | null)[] = [];
   const logs: string[] = [];
@@ -70,6 +78,7 @@ function fakeHost(answers: Record<string, Answer> = {}, maxSends = 5): RunHost &
   return {
     sends,
     logs,
+    state: new SelectorState(store, 'app@example.com'),
     log: (text) => logs.push(text),
     async send(target) {
       sends.push(target);
@@ -123,13 +132,14 @@ describe('round-robin.js', () => {
     ]);
   });
 
-  test('round robin keeps a separate rotation for each set of downstreams', async () => {
-    const sandbox = await load('round-robin.js');
-    const one = [downstream('a'), downstream('b')];
-    const two = [downstream('x'), downstream('y')];
-    const firsts: string[] = [];
-    for (const list of [one, two, one, two]) firsts.push(targets(await sandbox.run(message(), list, fakeHost()))[0]);
-    expect(firsts).toEqual(['a', 'x', 'b', 'y']);
+  test('round robin keeps its place in ctx.state, so a freshly loaded copy (a reload) carries on the rotation', async () => {
+    const list = [downstream('a'), downstream('b')];
+    const before = await load('round-robin.js');
+    const first = (await orders(before, list, 3)).map((order) => order[0]);
+    before.dispose();
+    const after = await load('round-robin.js');
+    const then = (await orders(after, list, 3)).map((order) => order[0]);
+    expect([...first, ...then]).toEqual(['a', 'b', 'a', 'b', 'a', 'b']);
   });
 });
 
