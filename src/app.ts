@@ -73,7 +73,10 @@ export class App {
   /** Security events for metrics: auth_failure, auth_success, connection_refused (see InboundDeps.events). */
   readonly events = new EventEmitter();
   /** The open connections of both listeners: limits, login timeout, sessions to end on rotation. */
-  private readonly guard = new ConnectionGuard();
+  private readonly guard = new ConnectionGuard((remote) => {
+    this.logger.info({ remote }, 'closed a connection that did not log in within auth_timeout_ms');
+    this.events.emit('connection_closed', { reason: 'SMTPMUX_AUTH_TIMEOUT', remote });
+  });
   private admin: AdminServer | undefined;
   private lastReload: ReloadStatus | undefined;
   private readonly startedAt = Date.now();

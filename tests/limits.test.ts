@@ -82,11 +82,13 @@ describe('connection limits', () => {
 
     // None of the six logs in: each is closed with 421 once auth_timeout_ms has passed.
     const idle = open.filter((s) => s.greeting.code === 220);
-    await new Promise((r) => setTimeout(r, 1700));
+    const deadline = Date.now() + 15_000;
+    while (proxy.app.connections > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     for (const smtp of idle) {
       const reply = await smtp.command('NOOP').catch((e: Error) => e);
       expect(reply instanceof Error ? reply.message : reply.text).toMatch(/^421 4\.7\.0 No login in time|closed/);
     }
+    expect(proxy.logs.filter((l) => l.msg === 'closed a connection that did not log in within auth_timeout_ms')).toHaveLength(idle.length);
     expect(proxy.app.connections).toBe(0);
     const result = await swaks(proxy.port, ['--header', 'Subject: after the flood']);
     expect(result.code).toBe(0);

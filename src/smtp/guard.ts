@@ -26,6 +26,9 @@ export class ConnectionGuard {
   private readonly sessions = new Map<string, Tracked>();
   private readonly perAddress = new Map<string, number>();
 
+  /** `onAuthTimeout` hears of each connection closed for not logging in (for a log line and metrics). */
+  constructor(private readonly onAuthTimeout: (address: string) => void = () => undefined) {}
+
   get size(): number {
     return this.sessions.size;
   }
@@ -45,7 +48,9 @@ export class ConnectionGuard {
     if (this.from(address) >= limits.maxPerAddress) return { ok: false, code: 'SMTPMUX_TOO_MANY_CONNECTIONS_FROM_ADDRESS' };
     const authTimer = setTimeout(() => {
       const tracked = this.sessions.get(session.id);
-      if (tracked && !tracked.login) connection.send(421, new SmtpMuxError('SMTPMUX_AUTH_TIMEOUT').message);
+      if (!tracked || tracked.login) return;
+      connection.send(421, new SmtpMuxError('SMTPMUX_AUTH_TIMEOUT').message);
+      this.onAuthTimeout(address);
     }, limits.authTimeoutMs);
     authTimer.unref();
     this.sessions.set(session.id, { address, connection, authTimer, failedLogins: 0 });

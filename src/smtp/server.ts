@@ -34,7 +34,8 @@ export interface InboundDeps {
   readonly guard: ConnectionGuard;
   /**
    * Where security events go, for metrics: 'auth_failure' ({ reason, remote }), 'auth_success' ({ remote }),
-   * 'connection_refused' ({ reason, remote }), with reason an error code such as SMTPMUX_AUTH_FAILED.
+   * 'connection_refused' ({ reason, remote }), 'connection_closed' ({ reason: 'SMTPMUX_AUTH_TIMEOUT', remote }),
+   * with reason an error code such as SMTPMUX_AUTH_FAILED.
    */
   readonly events?: EventEmitter;
 }
