@@ -5,7 +5,7 @@ import { X509Certificate } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { insecureListenerWarning, parseConfig } from '../src/config/load';
+import { ConfigError, insecureListenerWarning, parseConfig } from '../src/config/load';
 import { selfSigned } from '../src/tls/selfsigned';
 import { startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
@@ -140,6 +140,22 @@ describe('TLS set-up helpers', () => {
     expect(again.code).toBe(1);
     expect(again.stderr).toMatch(/exists; use --force/);
     expect(readFileSync(path.join(dir, 'privkey.pem'), 'utf8')).toBe(before);
+  });
+
+  test('a tls block with a missing key, an unreadable file or a mismatched pair is a config error naming file and key, never the key', async () => {
+    const file = path.join(dir, 'tls-errors.yaml');
+    const problems = async (tls: Record<string, unknown>): Promise<string> => {
+      const err = await parseConfig(testConfig({ selector: 'round-robin.js', downstreams: [{ addr: '127.0.0.1:25' }], tls }), file, {}).catch((e: ConfigError) => e);
+      expect(err).toBeInstanceOf(ConfigError);
+      return (err as ConfigError).problems.join('\n');
+    };
+    expect(await problems({ cert: 'fullchain.pem' })).toMatch(/tls\.key: give cert and key/);
+    expect(await problems({ cert: 'nowhere.pem', key: 'privkey.pem' })).toMatch(/tls\.cert: cannot read .*nowhere\.pem \(ENOENT\)/);
+    const other = selfSigned(['localhost'], 1);
+    writeFileSync(path.join(dir, 'other-key.pem'), other.key);
+    const mismatch = await problems({ cert: 'fullchain.pem', key: 'other-key.pem' });
+    expect(mismatch).toMatch(/tls: .*fullchain\.pem and .*other-key\.pem are not a usable certificate and key/);
+    expect(mismatch).not.toContain(other.key.split('\n')[1]);
   });
 
   test('a listener beyond loopback with allow_insecure_auth and no tls is called INSECURE (smtpmux check says so too); with tls it is not', async () => {
