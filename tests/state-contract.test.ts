@@ -245,6 +245,21 @@ describe('redis backend across instances', () => {
     expect(keys.filter((k) => !/^(contract|shared|one|two):/.test(k))).toEqual([]);
   });
 
+  test('a reservation written back after an outage counts once, keeps its time, and never shortens the window', async () => {
+    const store = await redisStore('absorb:');
+    const now = Date.now();
+    expect((await store.reserveQuota('ds:q', 'fresh', 1, 3, 60_000)).ok).toBe(true);
+    await store.absorbQuota('ds:q', 'old', 1, now - 59_000, 60_000);
+    await store.absorbQuota('ds:q', 'old', 1, now - 59_000, 60_000); // twice: counted once
+    await store.absorbQuota('ds:q', 'gone', 1, now - 61_000, 60_000); // already out of the window
+    const usage = await store.quotaUsage('ds:q', 60_000);
+    expect(usage.used).toBe(2);
+    expect(usage.resetsAt).toBeLessThanOrEqual(now + 1_000 + 50);
+    for (const part of ['at', 'amount', 'total']) expect(Number(await redis.cli('PTTL', `absorb:quota:{ds:q}:${part}`))).toBeGreaterThan(50_000);
+    expect((await store.reserveQuota('ds:q', 'one-more', 1, 3, 60_000)).ok).toBe(true);
+    expect((await store.reserveQuota('ds:q', 'too-many', 1, 3, 60_000)).ok).toBe(false);
+  });
+
   test('no key lives for ever unless a selector set it without ttl', async () => {
     const store = await redisStore('ttl:');
     await store.acquireRate('ds:r', 5, 1000, 0, 1);

@@ -111,7 +111,12 @@ if at <= now - window or redis.call('HEXISTS', KEYS[2], id) == 1 then return 0 e
 redis.call('ZADD', KEYS[1], at, id)
 redis.call('HSET', KEYS[2], id, amount)
 redis.call('INCRBY', KEYS[3], amount)
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], math.max(1, at + window - now)) end
+-- Only ever lengthen the keys' life: newer entries may need them longer than this old one does.
+local keep = math.max(1, at + window - now)
+for i = 1, 3 do
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+end
 return 1`,
 
   /** ARGV: id. */
