@@ -30,6 +30,8 @@ export class FallbackStateStore implements StateStore {
   private reason: string | null = null;
   private localOperations = 0;
   private probeDelay: number;
+  /** When Redis last came back: a Redis that fails again soon after keeps the longer probe interval. */
+  private recoveredAt = 0;
   private probeTimer: NodeJS.Timeout | undefined;
   private closed = false;
   /** Reservations taken locally while degraded and not given back: Redis gets them on recovery. */
@@ -167,6 +169,9 @@ export class FallbackStateStore implements StateStore {
     if (this.degradedSince || this.closed) return;
     this.degradedSince = Date.now();
     this.reason = reason;
+    // A Redis that flaps (slow, answering the probe but not the next call) is probed ever less often
+    // instead of logging a warn/info pair every 200 ms; one that held for a minute starts afresh.
+    if (this.degradedSince - this.recoveredAt > 60_000) this.probeDelay = this.options.minProbeMs ?? 200;
     this.logger.warn({ reason }, 'state: Redis is unreachable; limits are per instance until it is back (relaying goes on)');
     this.scheduleProbe();
   }
@@ -186,7 +191,7 @@ export class FallbackStateStore implements StateStore {
       const since = this.degradedSince ?? Date.now();
       this.degradedSince = null;
       this.reason = null;
-      this.probeDelay = this.options.minProbeMs ?? 200;
+      this.recoveredAt = Date.now();
       this.logger.info({ degradedMs: Date.now() - since, localOperations: this.localOperations, quotaWrittenBack: written }, 'state: Redis is back; limits are shared again');
     } catch (err) {
       this.reason = (err as Error)?.message ?? String(err);
