@@ -157,7 +157,10 @@ test('behind HAProxy with PROXY protocol, both instances see the client address 
     // Ten messages from 127.0.0.3, one connection each: round robin puts five on each instance.
     for (let i = 0; i < 10; i++) expect(await sendFrom(haproxy.port, '127.0.0.3', 'password123', `lb ${i}`)).toMatchObject({ ok: true });
     expect(inbox.received.length - before).toBe(10);
-    for (const p of [a, b]) expect(p.stdout().match(/"message delivered"/g)?.length).toBe(5);
+    // Log lines are written asynchronously: wait for them, then count.
+    const delivered = (p: ServeProcess): number => p.stdout().match(/"message delivered"/g)?.length ?? 0;
+    for (const p of [a, b]) await p.waitFor(/"message delivered"(?:[^]*"message delivered"){4}/);
+    expect([delivered(a), delivered(b)]).toEqual([5, 5]);
 
     // Four wrong passwords from 127.0.0.4, two on each instance: the shared count locks the address out
     // on both, the right password included.
@@ -169,7 +172,7 @@ test('behind HAProxy with PROXY protocol, both instances see the client address 
     }
     // The instances logged the client's address, never HAProxy's.
     for (const p of [a, b]) {
-      expect(p.stdout()).toMatch(/"remote":"127\.0\.0\.4"/);
+      await p.waitFor(/"remote":"127\.0\.0\.4"/);
       expect(p.stdout()).not.toContain('127.0.0.2');
     }
     // Another client is not affected.
@@ -177,5 +180,35 @@ test('behind HAProxy with PROXY protocol, both instances see the client address 
   } finally {
     await haproxy.stop();
     await stopAll([a, b]);
+  }
+});
+
+test('ctx.state.incr is one rotation across both instances: round-robin.js alternates whichever instance takes the message', async () => {
+  const first = await startDownstream();
+  const second = await startDownstream();
+  try {
+    const config = testConfig({
+      selector: 'round-robin.js',
+      downstreams: [
+        { name: 'first', addr: first.addr },
+        { name: 'second', addr: second.addr },
+      ],
+      ...TEST_LIMITS,
+      state: { redis: redis.url, prefix: 'e2e-rotation:' },
+    });
+    const [a, b] = await startInstances('rotation', config);
+    const order: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      // A, B, A, B...: per-instance counters would give first, first, second, second...
+      const before = first.received.length;
+      expect((await sendWithNodemailer((i % 2 ? b : a).port, { subject: `turn ${i}` })).ok).toBe(true);
+      order.push(first.received.length > before ? 'first' : 'second');
+    }
+    expect(order).toEqual(['first', 'second', 'first', 'second', 'first', 'second']);
+    expect(await redis.cli('GET', 'e2e-rotation:value:{sel:test@user.com:round-robin}')).toBe('6');
+    await stopAll([a, b]);
+  } finally {
+    await first.close();
+    await second.close();
   }
 });
