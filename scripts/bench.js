@@ -1,102 +1,98 @@
 #!/usr/bin/env node
-// Throughput and latency of SMTP Mux, measured, not asserted: prints figures, checks nothing.
+// Throughput, latency and memory of SMTP Mux, measured, not asserted: prints figures, checks nothing.
 //
-//   npm run build && node scripts/bench.js [--messages 2000] [--concurrency 8] [--size 4096]
+//   npm run bench                        (builds first; same as: npm run build && node scripts/bench.js)
+//   node scripts/bench.js --scenarios c1-2k,c4-5m --seconds 4 --selector waterfall.js
 //
-// Two sink SMTP servers (accept everything, count bytes) run in this process; SMTP Mux runs as its own
-// process (`node dist/cli.js serve`) in front of them; a pooled nodemailer client sends the load over
-// `--concurrency` connections. Each scenario is run against the sinks directly first (the baseline),
-// then through SMTP Mux with an order-style selector (round-robin.js) and a send()-style one
-// (waterfall.js). Everything binds 127.0.0.1 on ports the OS picks; every run is bounded by --messages.
-// Besides throughput and latency it prints the CPU time SMTP Mux's process used per message (from
-// /proc, Linux only), which other load on a shared machine disturbs far less than msg/s.
+// Each scenario (connections × message size) runs twice in the same run: straight to a sink ("direct",
+// the ceiling of this box with this load generator) and through SMTP Mux in front of the same sink.
+// Printed per row: msg/s, MB/s, p50/p99 latency (MAIL written → 250 after the final dot), the msg/s
+// ratio to direct, and the proxy's peak RSS (VmHWM of a fresh proxy process per scenario).
+//
+// The parts: the sink is smtp-server in a child process (accepts everything, counts messages); SMTP Mux
+// is `node dist/cli.js serve` in its own process; the load generator runs in this process over plain
+// sockets (EHLO, AUTH PLAIN, then MAIL/RCPT/DATA in a loop per connection, no pipelining, each message
+// pre-dot-stuffed and written in one go), so the client costs the same in both columns. Everything binds
+// 127.0.0.1 on ports the OS picks; each measured run stops at --seconds or its message cap, whichever
+// comes first, and every child process is stopped by its pid. The machine may be shared: trust the
+// ratios more than the absolute figures, and repeat a run that looks noisy.
 'use strict';
 
-const { spawn } = require('node:child_process');
+const { spawn, fork } = require('node:child_process');
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
-const { SMTPServer } = require('smtp-server');
-const nodemailer = require('nodemailer');
 
 const ROOT = path.resolve(__dirname, '..');
+
+/** name → connections, message size, message cap of one measured run. */
+const SCENARIOS = {
+  'c1-2k': { conns: 1, size: 2 * 1024, cap: 4000 },
+  'c8-2k': { conns: 8, size: 2 * 1024, cap: 12000 },
+  'c32-2k': { conns: 32, size: 2 * 1024, cap: 12000 },
+  'c8-100k': { conns: 8, size: 100 * 1024, cap: 3000 },
+  'c4-5m': { conns: 4, size: 5 * 1024 * 1024, cap: 200 },
+};
+
 const { values } = parseArgs({
   options: {
-    messages: { type: 'string', default: '2000' },
-    concurrency: { type: 'string', default: '8' },
-    size: { type: 'string', default: '4096' },
+    scenarios: { type: 'string', default: Object.keys(SCENARIOS).join(',') },
+    seconds: { type: 'string', default: '5' },
+    warmup: { type: 'string', default: '1' },
+    selector: { type: 'string', default: 'round-robin.js' },
+    sink: { type: 'boolean', default: false },
   },
 });
-const MESSAGES = Number(values.messages);
-const CONCURRENCY = Number(values.concurrency);
-const SIZE = Number(values.size);
 
-function startSink() {
-  const sink = { received: 0, bytes: 0 };
+// ---------------------------------------------------------------------------------------------------
+// The sink (child process): smtp-server, accepts any AUTH, discards bodies, counts messages.
+
+function runSink() {
+  const { SMTPServer } = require('smtp-server');
+  let received = 0;
   const server = new SMTPServer({
     authOptional: true,
+    allowInsecureAuth: true,
     disabledCommands: ['STARTTLS'],
     logger: false,
-    size: 100 * 1024 * 1024,
+    size: 200 * 1024 * 1024,
+    onAuth: (_auth, _session, callback) => callback(null, { user: 'bench' }),
     onData(stream, _session, callback) {
-      stream.on('data', (c) => (sink.bytes += c.length));
+      stream.resume();
       stream.on('end', () => {
-        sink.received++;
+        received++;
         callback(null, 'OK');
       });
     },
   });
-  return new Promise((resolve) =>
-    server.listen(0, '127.0.0.1', () => resolve(Object.assign(sink, { port: server.server.address().port, close: () => server.close() }))),
-  );
+  process.on('message', (msg) => {
+    if (msg === 'count') process.send({ received });
+  });
+  process.on('disconnect', () => process.exit(0));
+  server.listen(0, '127.0.0.1', () => process.send({ port: server.server.address().port }));
 }
 
-function body(size) {
-  const line = 'The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstuvwxyz\r\n';
-  return line.repeat(Math.ceil(size / line.length)).slice(0, size);
+function startSink() {
+  const child = fork(__filename, ['--sink'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('message', ({ port }) =>
+      resolve({
+        port,
+        count: () => new Promise((r) => (child.once('message', (m) => r(m.received)), child.send('count'))),
+        stop: () => new Promise((r) => (child.once('exit', r), child.kill('SIGTERM'))),
+      }),
+    );
+  });
 }
 
-async function load(port, auth) {
-  const transport = nodemailer.createTransport({ host: '127.0.0.1', port, pool: true, maxConnections: CONCURRENCY, maxMessages: Infinity, ignoreTLS: true, auth });
-  const raw = `From: <bench@example.com>\r\nTo: <sink@example.org>\r\nSubject: bench\r\n\r\n${body(SIZE)}`;
-  const latencies = [];
-  let failed = 0;
-  let next = 0;
-  const started = process.hrtime.bigint();
-  const worker = async () => {
-    while (next < MESSAGES) {
-      next++;
-      const t0 = process.hrtime.bigint();
-      try {
-        await transport.sendMail({ envelope: { from: 'bench@example.com', to: ['sink@example.org'] }, raw });
-      } catch {
-        failed++;
-      }
-      latencies.push(Number(process.hrtime.bigint() - t0) / 1e6);
-    }
-  };
-  await Promise.all(Array.from({ length: CONCURRENCY }, worker));
-  const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-  transport.close();
-  latencies.sort((a, b) => a - b);
-  const pct = (p) => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))].toFixed(1);
-  return { rate: (MESSAGES / seconds).toFixed(0), p50: pct(50), p95: pct(95), p99: pct(99), failed };
-}
+// ---------------------------------------------------------------------------------------------------
+// SMTP Mux as its own process, on a port the OS picks.
 
-/** CPU seconds (user + system) a process has used so far, from /proc (Linux); undefined elsewhere. */
-function cpuSeconds(pid) {
-  try {
-    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-    // utime and stime are fields 14 and 15 of stat(5), counted from 1 including pid and comm.
-    return (Number(fields[11]) + Number(fields[12])) / 100;
-  } catch {
-    return undefined;
-  }
-}
-
-function startProxy(dir, selector, sinks) {
-  const config = path.join(dir, `${selector}.yaml`);
+function startProxy(dir, sinkPort) {
+  const config = path.join(dir, 'config.yaml');
   fs.writeFileSync(
     config,
     `listen: { host: 127.0.0.1, port: 0 }
@@ -105,55 +101,207 @@ max_message_size: 100MB
 users:
   - email: bench@user.com
     password: bench
-    selector: ${selector}
+    selector: ${values.selector}
     downstreams:
-${sinks.map((s, i) => `      - { name: sink${i + 1}, addr: "127.0.0.1:${s.port}", tls: none }`).join('\n')}
+      - { name: sink, addr: "127.0.0.1:${sinkPort}", user: u, pass: p, tls: none }
 `,
   );
   const child = spawn(process.execPath, ['--no-node-snapshot', path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
-    env: { ...process.env, SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0' },
+    // Port 0 for the admin HTTP listener too: the default port would collide between runs.
+    env: { ...process.env, SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0', TMPDIR: dir },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   return new Promise((resolve, reject) => {
     let buffered = '';
+    let started = false;
     const timer = setTimeout(() => reject(new Error('SMTP Mux did not start within 20 s')), 20_000);
     child.stdout.on('data', (chunk) => {
+      if (started) return; // the log lines are read (so the pipe never fills) and dropped
       buffered += chunk;
-      for (const line of buffered.split('\n')) {
-        if (!line.includes('SMTP Mux listening')) continue;
-        clearTimeout(timer);
-        resolve({ port: JSON.parse(line).port, pid: child.pid, stop: () => new Promise((r) => (child.once('exit', r), child.kill('SIGTERM'))) });
-      }
+      const line = buffered.split('\n').find((l) => l.includes('SMTP Mux listening'));
+      if (!line) return;
+      started = true;
+      clearTimeout(timer);
+      resolve({
+        port: JSON.parse(line).port,
+        /** Peak resident set size of the proxy process so far, in MB (Linux: VmHWM). */
+        peakRssMb: () => {
+          try {
+            const kb = /VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1];
+            return kb ? Number(kb) / 1024 : NaN;
+          } catch {
+            return NaN;
+          }
+        },
+        stop: () => new Promise((r) => (child.exitCode !== null ? r() : (child.once('exit', r), child.kill('SIGTERM')))),
+      });
     });
-    child.once('exit', (code) => reject(new Error(`SMTP Mux exited with ${code}`)));
+    child.once('exit', (code) => !started && reject(new Error(`SMTP Mux exited with ${code}`)));
   });
 }
 
-async function main() {
-  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli.js'))) throw new Error('run `npm run build` first');
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smtpmux-bench-'));
-  const sinks = [await startSink(), await startSink()];
-  console.log(`SMTP Mux benchmark: ${MESSAGES} messages of ${SIZE} bytes over ${CONCURRENCY} connections, Node ${process.version}, ${os.cpus().length} cores`);
-  // CPU ms/msg: CPU time SMTP Mux's process used per message (user + system), less sensitive than msg/s
-  // to other load on the machine; the direct baseline has no SMTP Mux process.
-  console.log('scenario                              msg/s   p50 ms   p95 ms   p99 ms  failed  CPU ms/msg');
-  const row = (name, r, cpu) =>
-    console.log(`${name.padEnd(36)} ${r.rate.padStart(6)} ${r.p50.padStart(8)} ${r.p95.padStart(8)} ${r.p99.padStart(8)} ${String(r.failed).padStart(7)} ${(cpu === undefined ? '-' : ((cpu * 1000) / MESSAGES).toFixed(3)).padStart(11)}`);
-  row('direct to a sink (baseline)', await load(sinks[0].port));
-  for (const selector of ['round-robin.js', 'waterfall.js']) {
-    const proxy = await startProxy(dir, selector, sinks);
-    try {
-      await load(proxy.port, { user: 'bench@user.com', pass: 'bench' }); // warm-up: pools, JIT
-      const cpuBefore = cpuSeconds(proxy.pid);
-      const result = await load(proxy.port, { user: 'bench@user.com', pass: 'bench' });
-      const cpuAfter = cpuSeconds(proxy.pid);
-      row(`through SMTP Mux, ${selector}`, result, cpuBefore === undefined || cpuAfter === undefined ? undefined : cpuAfter - cpuBefore);
-    } finally {
-      await proxy.stop();
-    }
+// ---------------------------------------------------------------------------------------------------
+// The load generator: one raw SMTP client per connection.
+
+/** A message of exactly `size` bytes on the wire before the final dot, as 78-column CRLF lines. */
+function message(size) {
+  const head = 'From: <bench@example.com>\r\nTo: <sink@example.org>\r\nSubject: bench\r\n\r\n';
+  const line = 'The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstuvwx\r\n';
+  const bodyLength = size - head.length;
+  const text = head + line.repeat(Math.ceil(bodyLength / line.length)).slice(0, bodyLength - 2) + '\r\n';
+  return Buffer.concat([Buffer.from(text), Buffer.from('.\r\n')]); // no line starts with a dot: nothing to stuff
+}
+
+class Client {
+  constructor(socket) {
+    this.socket = socket;
+    this.buffer = '';
+    this.waiting = [];
+    socket.setNoDelay(true);
+    socket.on('data', (chunk) => {
+      this.buffer += chunk.toString('latin1');
+      let end;
+      // A reply is complete at a line whose fourth character is a space ("250 ok"), not "250-".
+      while ((end = this.buffer.indexOf('\r\n')) >= 0) {
+        const line = this.buffer.slice(0, end);
+        this.buffer = this.buffer.slice(end + 2);
+        if (line[3] !== '-') this.waiting.shift()?.resolve(line);
+      }
+    });
+    const fail = (err) => {
+      for (const w of this.waiting.splice(0)) w.reject(err ?? new Error('connection closed'));
+    };
+    socket.on('error', fail);
+    socket.on('close', () => fail());
   }
-  for (const sink of sinks) sink.close();
-  fs.rmSync(dir, { recursive: true, force: true });
+
+  static connect(port) {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(port, '127.0.0.1');
+      const client = new Client(socket);
+      socket.once('error', reject);
+      client.reply().then(resolve, reject); // the banner
+    });
+  }
+
+  reply() {
+    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
+  }
+
+  async command(data, expect) {
+    const pending = this.reply();
+    this.socket.write(data);
+    const line = await pending;
+    if (!line.startsWith(expect)) throw new Error(`expected ${expect}, got: ${line}`);
+    return line;
+  }
+
+  close() {
+    this.socket.end('QUIT\r\n');
+    this.socket.destroy();
+  }
+}
+
+function percentile(sorted, p) {
+  return sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] : NaN;
+}
+
+/** Sends `wire` over `conns` connections until `cap` messages or `seconds` have passed. */
+async function load(port, { conns, cap, seconds, wire, auth }) {
+  const latencies = [];
+  let started = 0;
+  let failed = 0;
+  const deadline = Date.now() + seconds * 1000;
+  const t0 = process.hrtime.bigint();
+  const worker = async () => {
+    const client = await Client.connect(port);
+    try {
+      await client.command('EHLO bench.example\r\n', '250');
+      if (auth) await client.command(`AUTH PLAIN ${Buffer.from(`\0${auth.user}\0${auth.pass}`).toString('base64')}\r\n`, '235');
+      while (started < cap && Date.now() < deadline) {
+        started++;
+        const t = process.hrtime.bigint();
+        try {
+          await client.command('MAIL FROM:<bench@example.com>\r\n', '250');
+          await client.command('RCPT TO:<sink@example.org>\r\n', '250');
+          await client.command('DATA\r\n', '354');
+          await client.command(wire, '250');
+          latencies.push(Number(process.hrtime.bigint() - t) / 1e6);
+        } catch (err) {
+          failed++;
+          if (client.socket.destroyed) throw err;
+          await client.command('RSET\r\n', '250');
+        }
+      }
+    } finally {
+      client.close();
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: conns }, worker));
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  failed += results.filter((r) => r.status === 'rejected').length;
+  latencies.sort((a, b) => a - b);
+  const ok = latencies.length;
+  return { ok, failed, wall, rate: ok / wall, mbps: (ok * (wire.length - 3)) / wall / 1e6, p50: percentile(latencies, 50), p99: percentile(latencies, 99) };
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+async function main() {
+  if (values.sink) return runSink();
+  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli.js'))) throw new Error('run `npm run build` first');
+  const names = values.scenarios.split(',').filter(Boolean);
+  for (const name of names) if (!SCENARIOS[name]) throw new Error(`unknown scenario ${name}; known: ${Object.keys(SCENARIOS).join(', ')}`);
+  const seconds = Number(values.seconds);
+  const warmup = Number(values.warmup);
+  const auth = { user: 'bench@user.com', pass: 'bench' };
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smtpmux-bench-'));
+
+  console.log(`SMTP Mux benchmark: Node ${process.version}, ${os.cpus().length} cores, load ${os.loadavg()[0].toFixed(2)}, selector ${values.selector}, ≤ ${seconds} s per run`);
+  console.log('scenario  system        msgs  fail    msg/s     MB/s   p50 ms   p99 ms  × direct  peak RSS MB');
+  const row = (name, system, r, direct, rss) =>
+    console.log(
+      [
+        name.padEnd(9),
+        system.padEnd(12),
+        String(r.ok).padStart(5),
+        String(r.failed).padStart(5),
+        r.rate.toFixed(0).padStart(8),
+        r.mbps.toFixed(1).padStart(8),
+        r.p50.toFixed(2).padStart(8),
+        r.p99.toFixed(2).padStart(8),
+        (direct ? `${(r.rate / direct.rate).toFixed(2)}×` : '').padStart(9),
+        (rss === undefined ? '' : rss.toFixed(0)).padStart(12),
+      ].join(' '),
+    );
+
+  const summary = [];
+  try {
+    for (const name of names) {
+      const { conns, size, cap } = SCENARIOS[name];
+      const wire = message(size);
+      const sink = await startSink();
+      let proxy;
+      try {
+        await load(sink.port, { conns, cap, seconds: warmup, wire });
+        const direct = await load(sink.port, { conns, cap, seconds, wire });
+        row(name, 'direct', direct);
+        proxy = await startProxy(dir, sink.port);
+        await load(proxy.port, { conns, cap, seconds: warmup, wire, auth }); // JIT, pools, isolate
+        const through = await load(proxy.port, { conns, cap, seconds, wire, auth });
+        const rss = proxy.peakRssMb();
+        row(name, 'SMTP Mux', through, direct, rss);
+        summary.push({ name, ratio: through.rate / direct.rate, addedP50: through.p50 - direct.p50, rss });
+      } finally {
+        await proxy?.stop();
+        await sink.stop();
+      }
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  console.log('\nratio to direct (msg/s), p50 added by the proxy, peak RSS:');
+  for (const s of summary) console.log(`  ${s.name.padEnd(8)} ${s.ratio.toFixed(2)}×   +${s.addedP50.toFixed(2)} ms p50   ${s.rss.toFixed(0)} MB`);
 }
 
 main().catch((err) => {
