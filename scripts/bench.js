@@ -3,11 +3,14 @@
 //
 //   npm run bench                        (builds first; same as: npm run build && node scripts/bench.js)
 //   node scripts/bench.js --scenarios c1-2k,c4-5m --seconds 4 --selector waterfall.js
+//   node scripts/bench.js --scenarios c4-5m --prof /tmp/prof     (a CPU profile of the proxy per scenario)
 //
 // Each scenario (connections × message size) runs twice in the same run: straight to a sink ("direct",
 // the ceiling of this box with this load generator) and through SMTP Mux in front of the same sink.
 // Printed per row: msg/s, MB/s, p50/p99 latency (MAIL written → 250 after the final dot), the msg/s
-// ratio to direct, and the proxy's peak RSS (VmHWM of a fresh proxy process per scenario).
+// ratio to direct, the proxy's peak RSS (VmHWM of a fresh proxy process per scenario), and the CPU time
+// the proxy and the sink spent per message (user + system, from /proc): on a loaded machine the CPU per
+// message moves much less than the rates do, so compare it when the ratios are noisy.
 //
 // The parts: the sink is smtp-server in a child process (accepts everything, counts messages); SMTP Mux
 // is `node dist/cli.js serve` in its own process; the load generator runs in this process over plain
@@ -29,19 +32,25 @@ const ROOT = path.resolve(__dirname, '..');
 
 /** name → connections, message size, message cap of one measured run. */
 const SCENARIOS = {
-  'c1-2k': { conns: 1, size: 2 * 1024, cap: 4000 },
-  'c8-2k': { conns: 8, size: 2 * 1024, cap: 12000 },
-  'c32-2k': { conns: 32, size: 2 * 1024, cap: 12000 },
-  'c8-100k': { conns: 8, size: 100 * 1024, cap: 3000 },
-  'c4-5m': { conns: 4, size: 5 * 1024 * 1024, cap: 200 },
+  'c1-2k': { conns: 1, size: 2 * 1024, cap: 30000 },
+  'c8-2k': { conns: 8, size: 2 * 1024, cap: 60000 },
+  'c32-2k': { conns: 32, size: 2 * 1024, cap: 60000 },
+  'c8-100k': { conns: 8, size: 100 * 1024, cap: 10000 },
+  'c4-5m': { conns: 4, size: 5 * 1024 * 1024, cap: 500 },
+  // Memory, not speed (not in the default list): 50 connections send one 20 MB message each at once;
+  // "RSS growth" is the proxy's peak minus its RSS just before. Warmed up with small messages.
+  'c50-20m': { conns: 50, size: 20 * 1024 * 1024, cap: 50, warmupSize: 2 * 1024, optional: true },
 };
 
 const { values } = parseArgs({
   options: {
-    scenarios: { type: 'string', default: Object.keys(SCENARIOS).join(',') },
+    scenarios: { type: 'string', default: Object.keys(SCENARIOS).filter((name) => !SCENARIOS[name].optional).join(',') },
     seconds: { type: 'string', default: '5' },
     warmup: { type: 'string', default: '1' },
     selector: { type: 'string', default: 'round-robin.js' },
+    /** Write a V8 CPU profile of each proxy process into this folder (node --cpu-prof). */
+    prof: { type: 'string' },
+    'no-size': { type: 'boolean', default: false },
     sink: { type: 'boolean', default: false },
   },
 });
@@ -74,6 +83,26 @@ function runSink() {
   server.listen(0, '127.0.0.1', () => process.send({ port: server.server.address().port }));
 }
 
+/** A memory figure of a process from /proc/PID/status, in MB; NaN where there is no /proc. */
+function statusMb(pid, field) {
+  try {
+    const kb = new RegExp(`${field}:\\s+(\\d+)`).exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+    return kb ? Number(kb) / 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
+/** CPU seconds (user + system) of a process, from /proc/PID/stat; NaN where there is no /proc. */
+function cpuSeconds(pid) {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+  } catch {
+    return NaN;
+  }
+}
+
 function startSink() {
   const child = fork(__filename, ['--sink'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   return new Promise((resolve, reject) => {
@@ -81,6 +110,7 @@ function startSink() {
     child.once('message', ({ port }) =>
       resolve({
         port,
+        cpuSeconds: () => cpuSeconds(child.pid),
         count: () => new Promise((r) => (child.once('message', (m) => r(m.received)), child.send('count'))),
         stop: () => new Promise((r) => (child.once('exit', r), child.kill('SIGTERM'))),
       }),
@@ -106,7 +136,8 @@ users:
       - { name: sink, addr: "127.0.0.1:${sinkPort}", user: u, pass: p, tls: none }
 `,
   );
-  const child = spawn(process.execPath, ['--no-node-snapshot', path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
+  const prof = values.prof ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(values.prof)] : [];
+  const child = spawn(process.execPath, ['--no-node-snapshot', ...prof, path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
     // Port 0 for the admin HTTP listener too: the default port would collide between runs.
     env: { ...process.env, SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0', TMPDIR: dir },
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -125,14 +156,11 @@ users:
       resolve({
         port: JSON.parse(line).port,
         /** Peak resident set size of the proxy process so far, in MB (Linux: VmHWM). */
-        peakRssMb: () => {
-          try {
-            const kb = /VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1];
-            return kb ? Number(kb) / 1024 : NaN;
-          } catch {
-            return NaN;
-          }
-        },
+        peakRssMb: () => statusMb(child.pid, 'VmHWM'),
+        /** Resident set size now, in MB. */
+        rssMb: () => statusMb(child.pid, 'VmRSS'),
+        /** CPU seconds (user + system) the proxy process used so far (Linux: /proc/PID/stat). */
+        cpuSeconds: () => cpuSeconds(child.pid),
         stop: () => new Promise((r) => (child.exitCode !== null ? r() : (child.once('exit', r), child.kill('SIGTERM')))),
       });
     });
@@ -180,7 +208,7 @@ class Client {
       const socket = net.connect(port, '127.0.0.1');
       const client = new Client(socket);
       socket.once('error', reject);
-      client.reply().then(resolve, reject); // the banner
+      client.reply().then(() => resolve(client), reject); // the banner
     });
   }
 
@@ -212,6 +240,8 @@ async function load(port, { conns, cap, seconds, wire, auth }) {
   let started = 0;
   let failed = 0;
   const deadline = Date.now() + seconds * 1000;
+  // SIZE= as most clients send it where the server offers SIZE (nodemailer, Postfix); --no-size leaves it off.
+  const mailFrom = values['no-size'] ? 'MAIL FROM:<bench@example.com>\r\n' : `MAIL FROM:<bench@example.com> SIZE=${wire.length - 3}\r\n`;
   const t0 = process.hrtime.bigint();
   const worker = async () => {
     const client = await Client.connect(port);
@@ -222,7 +252,7 @@ async function load(port, { conns, cap, seconds, wire, auth }) {
         started++;
         const t = process.hrtime.bigint();
         try {
-          await client.command('MAIL FROM:<bench@example.com>\r\n', '250');
+          await client.command(mailFrom, '250');
           await client.command('RCPT TO:<sink@example.org>\r\n', '250');
           await client.command('DATA\r\n', '354');
           await client.command(wire, '250');
@@ -239,10 +269,21 @@ async function load(port, { conns, cap, seconds, wire, auth }) {
   };
   const results = await Promise.allSettled(Array.from({ length: conns }, worker));
   const wall = Number(process.hrtime.bigint() - t0) / 1e9;
-  failed += results.filter((r) => r.status === 'rejected').length;
+  const errors = results.filter((r) => r.status === "rejected");
+  failed += errors.length;
+  if (errors.length) console.error(`  ${errors.length} connection(s) failed: ${errors[0].reason?.message ?? errors[0].reason}`);
   latencies.sort((a, b) => a - b);
   const ok = latencies.length;
   return { ok, failed, wall, rate: ok / wall, mbps: (ok * (wire.length - 3)) / wall / 1e6, p50: percentile(latencies, 50), p99: percentile(latencies, 99) };
+}
+
+/** A load run with the CPU the sink (and the proxy) spent on it, per accepted message, in ms. */
+async function measured(run, sink, proxy) {
+  const sink0 = sink.cpuSeconds();
+  const proxy0 = proxy ? proxy.cpuSeconds() : NaN;
+  const r = await run();
+  const perMessage = (s) => (s * 1000) / Math.max(1, r.ok);
+  return { ...r, sinkCpu: perMessage(sink.cpuSeconds() - sink0), proxyCpu: proxy ? perMessage(proxy.cpuSeconds() - proxy0) : NaN };
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -258,7 +299,7 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'smtpmux-bench-'));
 
   console.log(`SMTP Mux benchmark: Node ${process.version}, ${os.cpus().length} cores, load ${os.loadavg()[0].toFixed(2)}, selector ${values.selector}, ≤ ${seconds} s per run`);
-  console.log('scenario  system        msgs  fail    msg/s     MB/s   p50 ms   p99 ms  × direct  peak RSS MB');
+  console.log('scenario  system        msgs  fail    msg/s     MB/s   p50 ms   p99 ms  × direct  peak RSS MB  CPU ms/msg proxy  sink');
   const row = (name, system, r, direct, rss) =>
     console.log(
       [
@@ -272,26 +313,30 @@ async function main() {
         r.p99.toFixed(2).padStart(8),
         (direct ? `${(r.rate / direct.rate).toFixed(2)}×` : '').padStart(9),
         (rss === undefined ? '' : rss.toFixed(0)).padStart(12),
+        (Number.isNaN(r.proxyCpu) ? '' : r.proxyCpu.toFixed(2)).padStart(17),
+        r.sinkCpu.toFixed(2).padStart(5),
       ].join(' '),
     );
 
   const summary = [];
   try {
     for (const name of names) {
-      const { conns, size, cap } = SCENARIOS[name];
+      const { conns, size, cap, warmupSize } = SCENARIOS[name];
       const wire = message(size);
+      const warmupWire = warmupSize ? message(warmupSize) : wire;
       const sink = await startSink();
       let proxy;
       try {
-        await load(sink.port, { conns, cap, seconds: warmup, wire });
-        const direct = await load(sink.port, { conns, cap, seconds, wire });
+        await load(sink.port, { conns, cap, seconds: warmup, wire: warmupWire });
+        const direct = await measured(() => load(sink.port, { conns, cap, seconds, wire }), sink);
         row(name, 'direct', direct);
         proxy = await startProxy(dir, sink.port);
-        await load(proxy.port, { conns, cap, seconds: warmup, wire, auth }); // JIT, pools, isolate
-        const through = await load(proxy.port, { conns, cap, seconds, wire, auth });
+        await load(proxy.port, { conns, cap, seconds: warmup, wire: warmupWire, auth }); // JIT, pools, isolate
+        const rssBefore = proxy.rssMb();
+        const through = await measured(() => load(proxy.port, { conns, cap, seconds, wire, auth }), sink, proxy);
         const rss = proxy.peakRssMb();
         row(name, 'SMTP Mux', through, direct, rss);
-        summary.push({ name, ratio: through.rate / direct.rate, addedP50: through.p50 - direct.p50, rss });
+        summary.push({ name, ratio: through.rate / direct.rate, addedP50: through.p50 - direct.p50, rss, growth: rss - rssBefore, cpu: through.proxyCpu });
       } finally {
         await proxy?.stop();
         await sink.stop();
@@ -300,8 +345,10 @@ async function main() {
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  console.log('\nratio to direct (msg/s), p50 added by the proxy, peak RSS:');
-  for (const s of summary) console.log(`  ${s.name.padEnd(8)} ${s.ratio.toFixed(2)}×   +${s.addedP50.toFixed(2)} ms p50   ${s.rss.toFixed(0)} MB`);
+  console.log('\nratio to direct (msg/s), p50 added by the proxy, peak RSS (growth during the measured run), proxy CPU per message:');
+  for (const s of summary) {
+    console.log(`  ${s.name.padEnd(8)} ${s.ratio.toFixed(2)}×   +${s.addedP50.toFixed(2)} ms p50   ${s.rss.toFixed(0)} MB (+${s.growth.toFixed(0)} MB)   ${s.cpu.toFixed(2)} ms CPU`);
+  }
 }
 
 main().catch((err) => {
