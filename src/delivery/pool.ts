@@ -5,6 +5,7 @@ import { createHash } from 'node:crypto';
 import { BlockList, isIP } from 'node:net';
 import nodemailer from 'nodemailer';
 import type { DownstreamConfig } from '../config/load';
+import { useFastStuffing } from '../message/dot-stuffing';
 import { classifyFailure, type AttemptFailure } from './classify';
 
 export interface PoolSettings {
@@ -88,6 +89,8 @@ export class DownstreamPool {
       disableUrlAccess: true,
       logger: false,
     });
+    // nodemailer with a fast path for dot-stuffing the body on its way out (see dot-stuffing.ts).
+    useFastStuffing(this.transport);
   }
 
   /** Sends the raw message unchanged with the given envelope, within the attempt's deadline; never rejects. */

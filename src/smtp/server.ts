@@ -16,7 +16,7 @@ import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
 import type { StateStore } from '../state/store';
 import { ConnectionGuard } from './guard';
-import { CatalogueSMTPServer } from './replies';
+import { FastDataSMTPServer } from './fast-data';
 
 export interface InboundDeps {
   /** The Runtime new transactions use; it changes on reload. */
@@ -74,7 +74,8 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     callback(new SmtpMuxError(code));
   };
 
-  const server: SMTPServer = new CatalogueSMTPServer({
+  // smtp-server with our replies and a fast path for un-dot-stuffing large bodies (see src/smtp/fast-data.ts).
+  const server: SMTPServer = new FastDataSMTPServer({
     name: initial.config.hostname,
     banner: 'SMTP Mux',
     size: initial.config.maxMessageSize,

@@ -1,0 +1,184 @@
+// SMTP's DATA transparency (RFC 5321 §4.5.2) on both hops, at wire speed. smtp-server un-dot-stuffs what
+// a client sends and nodemailer dot-stuffs (and turns bare CR/LF into CRLF) what we send downstream; both
+// do it with a loop over every byte in JavaScript, which was most of the CPU a 5 MB message cost. Most
+// chunks of a message need neither: no line in them starts with a dot and every line ends in CRLF. For
+// such a chunk the result is the chunk itself, which a native search (Buffer.indexOf, a regular
+// expression) proves in a fraction of the time; every other chunk (a stuffed dot, the final dot, a bare
+// LF, a CR at a chunk's end) goes to the dependency's own code, unchanged. So the bytes on the wire are
+// exactly what the dependencies would produce (tests/dot-stuffing.test.ts compares both), the smuggling
+// defences stay theirs, and nothing is patched process-wide: the fast path is set on the parser and
+// stuffing-stream instances of our own server (src/smtp/fast-data.ts) and our own transports only. If a dependency renames
+// what we hook, the hook finds nothing to hook and the stock code runs (and the test says so).
+import { PassThrough, type Readable, type Writable } from 'node:stream';
+import type Mail from 'nodemailer/lib/mailer';
+
+type Done = (err?: Error | null) => void;
+
+// ---------------------------------------------------------------------------------------------------
+// Receiving: smtp-server's SMTPStream in data mode.
+
+/** The fields of smtp-server's SMTPStream that its data mode uses (smtp-stream.d.ts declares them). */
+interface DataParser extends Writable {
+  _dataStream: (Writable & { destroyed: boolean }) | null;
+  _atDataStart: boolean;
+  _lastBytes: Buffer | false;
+  _countDataBytes(len: number): void;
+  _feedDataStream(chunk: Buffer, done: Done): void;
+}
+
+interface InboundConnection {
+  _parser: DataParser | false;
+  _createParser(): DataParser;
+}
+
+const LF_DOT = Buffer.from('\n.');
+
+function isDataParser(parser: unknown): parser is DataParser {
+  const p = parser as Partial<DataParser> | null;
+  return !!p && typeof p._feedDataStream === 'function' && typeof p._countDataBytes === 'function' && '_lastBytes' in p && '_atDataStart' in p;
+}
+
+/**
+ * Gives one parser the fast path: a chunk with no "\n." in it (counting the bytes the parser held back
+ * from the previous chunk) holds no stuffed dot and no end of data, so smtp-server would emit all of it
+ * but its last four bytes, which it keeps to match a terminator split across chunks. That is done here
+ * without a per-byte loop or a copy; any other chunk goes to smtp-server's own _feedDataStream.
+ */
+export function fastDataParser<T>(parser: T): T {
+  if (!isDataParser(parser)) return parser;
+  const stock = parser._feedDataStream;
+  parser._feedDataStream = function feedDataStream(this: DataParser, chunk: Buffer, done: Done): void {
+    const held = this._lastBytes && this._lastBytes.length > 0 ? this._lastBytes : undefined;
+    const dataStream = this._dataStream;
+    if (
+      this._atDataStart ||
+      !dataStream ||
+      chunk.length < 8 ||
+      chunk.indexOf(LF_DOT) !== -1 ||
+      (held !== undefined && (held.indexOf(LF_DOT) !== -1 || (held[held.length - 1] === 0x0a && chunk[0] === 0x2e)))
+    ) {
+      return stock.call(this, chunk, done);
+    }
+    const body = chunk.subarray(0, chunk.length - 4);
+    this._lastBytes = chunk.subarray(chunk.length - 4);
+    this._countDataBytes((held?.length ?? 0) + body.length);
+    if (!dataStream.writable) return done();
+    if (held) dataStream.write(held);
+    if (dataStream.write(body) || dataStream.destroyed) return done();
+    // Wait as smtp-server does: for 'drain', or 'close' when the application destroyed the stream.
+    const resume = (): void => {
+      dataStream.removeListener('drain', resume);
+      dataStream.removeListener('close', resume);
+      done();
+    };
+    dataStream.once('drain', resume);
+    dataStream.once('close', resume);
+  };
+  return parser;
+}
+
+/**
+ * Gives one smtp-server connection the fast path, on its parser and on the fresh parser it makes after
+ * STARTTLS. Anything that does not look like smtp-server's connection is left alone.
+ */
+export function fastDataConnection(connection: unknown): void {
+  const conn = connection as Partial<InboundConnection> | null;
+  if (!conn || typeof conn._createParser !== 'function') return;
+  const createParser = conn._createParser;
+  conn._createParser = () => fastDataParser(createParser.call(conn));
+  if (conn._parser) fastDataParser(conn._parser);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sending: nodemailer's DataStream, the Transform between the message and the socket.
+
+/** The fields of nodemailer's DataStream (smtp-connection/data-stream.js) its _transform keeps. */
+interface StuffingStream extends Writable {
+  inByteCount: number;
+  outByteCount: number;
+  lastByte: number | false;
+  push(chunk: Buffer): boolean;
+  _transform(chunk: Buffer | string, encoding: BufferEncoding, done: Done): void;
+}
+
+/** A bare CR (or a CR ending the text), a bare LF (or an LF starting it), or a dot starting a line. */
+const NEEDS_STUFFING = /\r(?!\n)|(?<!\r)\n|\n\./;
+/** Bytes tested at a time: small strings are cheap to make and to collect, a 5 MB one is not. */
+const WINDOW_BYTES = 64 * 1024;
+
+/**
+ * False when DataStream would pass `chunk` on unchanged, given the byte before it (`prev`, false at the
+ * start); true when it might change something. A chunk is tested in windows that end after an LF, so a
+ * window boundary never splits a CRLF.
+ */
+export function needsStuffing(chunk: Buffer, prev: number | false): boolean {
+  if (chunk.length === 0) return false;
+  const first = chunk[0];
+  if ((prev === 0x0d && first !== 0x0a) || (first === 0x2e && (prev === 0x0a || prev === false))) return true;
+  for (let start = 0; start < chunk.length; ) {
+    let end = chunk.length;
+    if (end - start > WINDOW_BYTES) {
+      const lf = chunk.indexOf(0x0a, start + WINDOW_BYTES);
+      if (lf !== -1) end = lf + 1;
+    }
+    // A window after the first starts a line: the one before it ended in LF.
+    if (start > 0 && chunk[start] === 0x2e) return true;
+    if (NEEDS_STUFFING.test(chunk.toString('latin1', start, end))) return true;
+    start = end;
+  }
+  return false;
+}
+
+function isStuffingStream(stream: unknown): stream is StuffingStream {
+  const s = stream as Partial<StuffingStream> | null;
+  return !!s && typeof s._transform === 'function' && typeof s.inByteCount === 'number' && typeof s.outByteCount === 'number' && 'lastByte' in s;
+}
+
+/**
+ * Gives one nodemailer DataStream the fast path: a chunk in which nothing needs stuffing or a line-end
+ * repair is passed on as it is, with the counters DataStream keeps; anything else goes to its own
+ * _transform.
+ */
+export function fastStuffingStream<T>(stream: T): T {
+  if (!isStuffingStream(stream)) return stream;
+  const stock = stream._transform;
+  stream._transform = function transform(this: StuffingStream, chunk: Buffer | string, encoding: BufferEncoding, done: Done): void {
+    if (typeof chunk === 'string' || chunk.length === 0 || needsStuffing(chunk, this.lastByte)) return stock.call(this, chunk, encoding, done);
+    this.inByteCount += chunk.length;
+    this.outByteCount += chunk.length;
+    this.push(chunk);
+    this.lastByte = chunk[chunk.length - 1];
+    done();
+  };
+  return stream;
+}
+
+/**
+ * The last stage of a message's stream inside nodemailer: a PassThrough that, when nodemailer pipes it
+ * into the connection's DataStream, gives that DataStream the fast path.
+ */
+class StuffingHandoff extends PassThrough {
+  override pipe<D extends NodeJS.WritableStream>(destination: D, options?: { end?: boolean }): D {
+    fastStuffingStream(destination);
+    return super.pipe(destination, options);
+  }
+}
+
+/** Bytes per read from a message's stream: fewer, larger chunks for the socket and the stuffing. */
+const HANDOFF_HIGH_WATER_MARK = 256 * 1024;
+
+/**
+ * Registers the fast path on a nodemailer transport, through its plugin API: a 'stream' plugin adds a
+ * processFunc (the hook DKIM signing uses) that ends the message's stream in a StuffingHandoff.
+ */
+export function useFastStuffing<T extends Pick<Mail, 'use'>>(transport: T): T {
+  transport.use('stream', (mail, done) => {
+    mail.message.processFunc((input: Readable) => {
+      const output = new StuffingHandoff({ highWaterMark: HANDOFF_HIGH_WATER_MARK });
+      input.once('error', (err) => output.destroy(err));
+      return input.pipe(output);
+    });
+    done();
+  });
+  return transport;
+}
