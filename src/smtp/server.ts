@@ -8,7 +8,7 @@ import type { SMTPServer, SMTPServerOptions, SMTPServerSession, SMTPServerDataSt
 import { LoginPenalties, loginHash } from '../auth/penalty';
 import { INBOUND_TLS_MIN_VERSION } from '../config/load';
 import { SmtpMuxError, type ErrorCode } from '../errors';
-import { MessageBody } from '../message/body';
+import { BodyMemory, MessageBody } from '../message/body';
 import { summarize } from '../message/summary';
 import type { Logger } from '../observe/logger';
 import type { Metrics } from '../observe/metrics';
@@ -65,8 +65,17 @@ export function tlsOptions(material: { cert: string; key: string }): Pick<SMTPSe
 
 const sleepUntil = (at: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.max(0, at - Date.now())));
 
+/** The SIZE= a client declared in MAIL FROM, if any. */
+function declaredSize(session: SMTPServerSession): number | undefined {
+  const args = session.envelope.mailFrom ? session.envelope.mailFrom.args : false;
+  const size = Number(args ? (args as Record<string, string | undefined>).SIZE : undefined);
+  return Number.isFinite(size) && size > 0 ? size : undefined;
+}
+
 export function createInboundServer(deps: InboundDeps, initial: Runtime, listener: ListenerOptions = {}): SMTPServer {
   const { logger, guard, metrics } = deps;
+  /** Large bodies this listener holds in memory together, past which they spill to disk. */
+  const bodyMemory = new BodyMemory();
   const penalties = new LoginPenalties(deps.state, () => deps.current().config.loginPenalty);
   const tls = initial.config.tls;
   const refuse = (code: ErrorCode, session: SMTPServerSession, event: string, callback: (err?: Error | null) => void): void => {
@@ -175,7 +184,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     try {
       const limit = runtime.config.maxMessageSize;
       try {
-        body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir });
+        body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir, memory: bodyMemory, declaredSize: declaredSize(session) });
       } catch (err) {
         // Mostly a client that went away mid-DATA: worth a line, not an alarm.
         logger.warn({ msgId: id, err: (err as Error).message }, 'message could not be received');
