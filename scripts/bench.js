@@ -50,6 +50,8 @@ const { values } = parseArgs({
     selector: { type: 'string', default: 'round-robin.js' },
     /** Write a V8 CPU profile of each proxy process into this folder (node --cpu-prof). */
     prof: { type: 'string' },
+    /** Extra node flags for the proxy process, for experiments (e.g. "--max-semi-space-size=4"). */
+    'proxy-node-args': { type: 'string', default: '' },
     'no-size': { type: 'boolean', default: false },
     sink: { type: 'boolean', default: false },
   },
@@ -137,7 +139,8 @@ users:
 `,
   );
   const prof = values.prof ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(values.prof)] : [];
-  const child = spawn(process.execPath, ['--no-node-snapshot', ...prof, path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
+  const extra = values['proxy-node-args'].split(/\s+/).filter(Boolean);
+  const child = spawn(process.execPath, ['--no-node-snapshot', ...prof, ...extra, path.join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], {
     // Port 0 for the admin HTTP listener too: the default port would collide between runs.
     env: { ...process.env, SMTPMUX_PORT: '0', SMTPMUX_HTTP_PORT: '0', TMPDIR: dir },
     stdio: ['ignore', 'pipe', 'inherit'],
