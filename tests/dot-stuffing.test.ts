@@ -107,6 +107,9 @@ describe('dot-stuffing fast paths', () => {
     const stream = new DataStream();
     const stockTransform = stream._transform;
     expect(fastStuffingStream(stream)._transform).not.toBe(stockTransform);
+    // Given once: a second call changes nothing.
+    const fastFeed = parser._feedDataStream;
+    expect(fastDataParser(parser)._feedDataStream).toBe(fastFeed);
   });
 
   test('needsStuffing tells a clean chunk from one DataStream would change', () => {

@@ -32,6 +32,8 @@ interface InboundConnection {
 }
 
 const LF_DOT = Buffer.from('\n.');
+/** Parsers, connections and stuffing streams that have the fast path already (it is given once). */
+const hooked = new WeakSet<object>();
 
 function isDataParser(parser: unknown): parser is DataParser {
   const p = parser as Partial<DataParser> | null;
@@ -45,7 +47,8 @@ function isDataParser(parser: unknown): parser is DataParser {
  * without a per-byte loop or a copy; any other chunk goes to smtp-server's own _feedDataStream.
  */
 export function fastDataParser<T>(parser: T): T {
-  if (!isDataParser(parser)) return parser;
+  if (!isDataParser(parser) || hooked.has(parser)) return parser;
+  hooked.add(parser);
   const stock = parser._feedDataStream;
   parser._feedDataStream = function feedDataStream(this: DataParser, chunk: Buffer, done: Done): void {
     const held = this._lastBytes && this._lastBytes.length > 0 ? this._lastBytes : undefined;
@@ -83,7 +86,8 @@ export function fastDataParser<T>(parser: T): T {
  */
 export function fastDataConnection(connection: unknown): void {
   const conn = connection as Partial<InboundConnection> | null;
-  if (!conn || typeof conn._createParser !== 'function') return;
+  if (!conn || typeof conn._createParser !== 'function' || hooked.has(conn)) return;
+  hooked.add(conn);
   const createParser = conn._createParser;
   conn._createParser = () => fastDataParser(createParser.call(conn));
   if (conn._parser) fastDataParser(conn._parser);
@@ -140,7 +144,8 @@ function isStuffingStream(stream: unknown): stream is StuffingStream {
  * _transform.
  */
 export function fastStuffingStream<T>(stream: T): T {
-  if (!isStuffingStream(stream)) return stream;
+  if (!isStuffingStream(stream) || hooked.has(stream)) return stream;
+  hooked.add(stream);
   const stock = stream._transform;
   stream._transform = function transform(this: StuffingStream, chunk: Buffer | string, encoding: BufferEncoding, done: Done): void {
     if (typeof chunk === 'string' || chunk.length === 0 || needsStuffing(chunk, this.lastByte)) return stock.call(this, chunk, encoding, done);
