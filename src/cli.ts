@@ -6,11 +6,12 @@ import { parseArgs } from 'node:util';
 
 /**
  * V8's young generation for `serve`, in MB per semi-space, unless the command line or NODE_OPTIONS sets
- * --max-semi-space-size. Node's default lets the young generation grow to 64 MB in the main isolate and
- * again in each selector isolate; at 8 connections of 2 KB messages that was most of the proxy's peak
- * RSS growth (peak 250-300 MB, 150-190 MB with 4), at no CPU cost measurable here (npm run bench).
+ * --max-semi-space-size. Node's default lets the young generation grow far larger, in the main isolate
+ * and in each selector isolate; at 8 connections of 2 KB messages that was most of the proxy's peak RSS
+ * growth (peak 250-300 MB; 150-200 MB with 8). 4 saved a little more memory but cost large messages
+ * some CPU (more scavenges); 8 showed no CPU cost measurable here (npm run bench).
  */
-const SERVE_SEMI_SPACE_MB = 4;
+const SERVE_SEMI_SPACE_MB = 8;
 
 function ensureNodeFlags(): void {
   const given = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)].map((arg) => arg.replace(/_/g, '-'));
