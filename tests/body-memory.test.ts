@@ -110,6 +110,25 @@ describe('message bodies and memory', () => {
     await body.dispose();
   });
 
+  test('a body that declared its SIZE= is held whole, also when the client sent more or less than it declared', async () => {
+    const memory = new BodyMemory(32 * MB);
+    for (const [declared, sent] of [
+      [3 * MB, 3 * MB],
+      [3 * MB, 3 * MB - 100_000],
+      [2 * MB, 3 * MB],
+    ]) {
+      const body = await MessageBody.receive(dataStream(sent, 66), { maxSize: 64 * MB, tmpDir: dir, memory, declaredSize: declared });
+      expect(body.spilled).toBe(false);
+      const bytes = body.open() as Buffer;
+      expect(bytes.length).toBe(sent);
+      expect(bytes.subarray(0, 4).toString()).toBe('BBBB');
+      expect(bytes.subarray(-2).toString()).toBe('\r\n');
+      expect(memory.inUse).toBe(Math.max(declared, sent));
+      await body.dispose();
+      expect(memory.inUse).toBe(0);
+    }
+  });
+
   test('a receive that fails mid-spill leaves no file and gives its share back', async () => {
     const memory = new BodyMemory(32 * MB);
     let sent = 0;

@@ -80,6 +80,7 @@ export class MessageBody {
       if (stored <= threshold) return true;
       // Past the threshold: the whole body so far, then each chunk, must fit the budget.
       const needed = stored - reserved;
+      if (needed <= 0) return true;
       if (!budget || stored > budget.limit / 4 || !budget.take(needed)) return false;
       reserved += needed;
       return true;
@@ -89,6 +90,22 @@ export class MessageBody {
       reserved = 0;
     };
     const chunks: Buffer[] = [];
+    /**
+     * A body whose declared SIZE= fits the budget is copied into one block of that size as it arrives:
+     * no concatenation at the end, and each received chunk dies young. Should more arrive than
+     * declared, the block becomes the first of `chunks`.
+     */
+    let block: Buffer | undefined;
+    let filled = 0;
+    const declared = options.declaredSize ?? 0;
+    if (budget && declared > threshold && declared <= budget.limit / 4 && declared <= options.maxSize && budget.take(declared)) {
+      reserved = declared;
+      block = Buffer.allocUnsafe(declared);
+    }
+    const endBlock = (): void => {
+      if (block) chunks.unshift(block.subarray(0, filled));
+      block = undefined;
+    };
     let size = 0;
     let stored = 0;
     let header: Buffer | undefined;
@@ -116,7 +133,11 @@ export class MessageBody {
         if (size > options.maxSize) return done();
         stored += chunk.length;
         if (!spill && keepInMemory()) {
-          chunks.push(chunk);
+          if (block && filled + chunk.length <= block.length) filled += chunk.copy(block, filled);
+          else {
+            endBlock();
+            chunks.push(chunk);
+          }
           return done();
         }
         if (spill) {
@@ -127,6 +148,7 @@ export class MessageBody {
         }
         spilling = (async () => {
           spill = await SpillFile.create(options.tmpDir ?? os.tmpdir());
+          endBlock();
           for (const early of chunks.splice(0)) await spill.write(early);
           release(); // the bytes held so far are in the file now
           await spill.write(chunk);
@@ -155,6 +177,7 @@ export class MessageBody {
     }
     const headerText = (header ?? Buffer.concat(headerParts)).toString('utf8');
     const file = (spill as SpillFile | undefined)?.file;
+    endBlock();
     const memory = file ? undefined : chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, stored);
     return new MessageBody(size, headerText, memory, file, reserved, budget);
   }
