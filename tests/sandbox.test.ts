@@ -280,7 +280,6 @@ describe('isolation between users and between messages', () => {
     for (const r of fineResults) expect(r).toMatchObject({ ok: true, code: 250 });
     // The looper's messages end only at its one-second deadline: the round-robin user finished before them.
     expect(Math.max(...fineResults.map((r) => r.at))).toBeLessThan(Math.max(...loopResults.map((r) => r.at)));
-    expect(Math.max(...fineResults.map((r) => r.at))).toBeLessThan(2500);
     expect(rr1.received.length + rr2.received.length).toBe(6);
     expect(rr1.received.map((r) => subjectOf(r.raw)).every((s) => s.startsWith('rr '))).toBe(true);
   });

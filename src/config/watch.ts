@@ -16,6 +16,12 @@ export interface WatchOptions {
   readonly pollMs?: number;
   /** How long a watched file may be missing (mid-rename) before the reload goes ahead without it. */
   readonly missingGraceMs?: number;
+  /**
+   * Told after each look at the files: `changed` once the callback for a change has returned,
+   * `unchanged` when the content was what it was. Lets a caller wait for the watcher to have looked,
+   * instead of sleeping.
+   */
+  readonly onCheck?: (outcome: 'changed' | 'unchanged') => void;
 }
 
 async function fingerprint(files: readonly string[]): Promise<{ print: string; missing: string[] }> {
@@ -119,6 +125,7 @@ export class FileWatcher {
     const { print, missing } = await fingerprint(this.files);
     if (print === this.lastPrint) {
       this.missingSince = undefined;
+      this.options.onCheck?.('unchanged');
       return;
     }
     const grace = this.options.missingGraceMs ?? 1000;
@@ -145,5 +152,6 @@ export class FileWatcher {
       this.lastPrint = changedMeanwhile ? '' : fresh.print;
       if (changedMeanwhile) this.schedule(this.options.debounceMs ?? 200);
     }
+    this.options.onCheck?.('changed');
   }
 }

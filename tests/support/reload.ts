@@ -19,6 +19,13 @@ export interface WatchedProxy {
   readonly port: number;
   readonly dir: string;
   readonly logs: LogLine[];
+  /** What each look of the watcher found, in order. */
+  readonly checks: readonly ('changed' | 'unchanged')[];
+  /**
+   * Makes the watcher look once more (a file event in the folder) and resolves with what that look
+   * found: the way to show that nothing (more) happened without sleeping.
+   */
+  nextCheck(): Promise<'changed' | 'unchanged'>;
   stop(): Promise<void>;
 }
 
@@ -53,6 +60,8 @@ export async function startWatched(
   });
   // Spilled bodies go elsewhere: files appearing in the config folder are events the watcher sees.
   const spill = tempDir('smtpmux-spill-');
+  const checks: ('changed' | 'unchanged')[] = [];
+  const watch = options.watch === false ? undefined : options.watch;
   const app = await App.start({
     configPath: path.join(dir, 'config.yaml'),
     // The admin listener on a port the OS picks, never the default another test may hold.
@@ -60,13 +69,34 @@ export async function startWatched(
     logger: createLogger({ level: 'debug', destination }),
     tmpDir: spill,
     shutdownGraceMs: 5000,
-    watch: options.watch === false ? false : { debounceMs: 100, pollMs: 500, missingGraceMs: 300, ...(options.watch ?? {}) },
+    watch:
+      options.watch === false
+        ? false
+        : {
+            debounceMs: 100,
+            pollMs: 500,
+            missingGraceMs: 300,
+            ...watch,
+            onCheck: (outcome) => {
+              checks.push(outcome);
+              watch?.onCheck?.(outcome);
+            },
+          },
   });
+  let probes = 0;
   return {
     app,
     port: app.port,
     dir,
     logs,
+    checks,
+    async nextCheck() {
+      const seen = checks.length;
+      // Not a watched file: its event only makes the watcher look at the ones it watches.
+      writeFileSync(path.join(dir, `.probe-${++probes}`), '');
+      await until(() => checks.length > seen, 'the watcher to look after a probe event');
+      return checks[seen];
+    },
     async stop() {
       await app.close();
       rmSync(dir, { recursive: true, force: true });
@@ -242,14 +272,22 @@ export interface SlowDownstream {
   /** Subjects of the messages whose DATA arrived (each is answered only after the stall). */
   readonly seen: string[];
   connections(): number;
+  /** Answers every message held so far, and from now on answers at once. */
+  release(): void;
   close(): Promise<void>;
 }
 
-/** A downstream that takes the whole message, stalls `ms`, then answers with `code` (451 by default): a slow, failing server. */
+/**
+ * A downstream that takes the whole message, stalls `ms`, then answers with `code` (451 by default): a
+ * slow, failing server. With `ms` Infinity it holds each answer until release(): a test then decides
+ * when the slow part ends instead of betting on a clock.
+ */
 export async function startSlowDownstream(ms: number, code = 451): Promise<SlowDownstream> {
   const seen: string[] = [];
   let connections = 0;
   const timers = new Set<NodeJS.Timeout>();
+  const held = new Set<() => void>();
+  let released = false;
   const server = new SMTPServer({
     authOptional: true,
     allowInsecureAuth: true,
@@ -264,10 +302,18 @@ export async function startSlowDownstream(ms: number, code = 451): Promise<SlowD
       stream.on('data', (c: Buffer) => chunks.push(c));
       stream.on('end', () => {
         seen.push(subjectOf(Buffer.concat(chunks)));
-        const timer = setTimeout(() => {
-          timers.delete(timer);
+        const answer = (): void => {
           if (code === 250) callback(null, 'Queued after a while');
           else callback(Object.assign(new Error(`${code >= 500 ? '5' : '4'}.3.0 Slow and unwilling`), { responseCode: code }));
+        };
+        if (released) return answer();
+        if (ms === Infinity) {
+          held.add(answer);
+          return;
+        }
+        const timer = setTimeout(() => {
+          timers.delete(timer);
+          answer();
         }, ms);
         timers.add(timer);
       });
@@ -279,6 +325,11 @@ export async function startSlowDownstream(ms: number, code = 451): Promise<SlowD
     addr: listening.addr,
     seen,
     connections: () => connections,
+    release() {
+      released = true;
+      for (const answer of held) answer();
+      held.clear();
+    },
     close: () => {
       for (const timer of timers) clearTimeout(timer);
       return listening.close();
