@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
 # SMTP Mux image: build the TypeScript in one stage, ship only dist/, the selector library and the
-# production node_modules in the next. scripts/ci-docker-replay.sh replays this file's RUN and COPY
-# steps outside Docker in CI, so keep to plain WORKDIR / COPY / RUN / ENV lines it understands.
+# production node_modules in the next. tests/image.test.ts lints this file (dockerfile-utils), reads the
+# runtime stage with dockerfile-ast, stages what its COPY lines name and runs it as the image would
+# (check, ENTRYPOINT + CMD, the HEALTHCHECK command, SIGTERM) as an unprivileged user; with a Docker
+# engine it builds and runs the image too. So in the runtime stage: COPY (not ADD) under WORKDIR, and
+# exec-form ENTRYPOINT, CMD and HEALTHCHECK.
 #
 #   docker build -t smtpmux .
 #   docker run -p 2525:2525 -p 127.0.0.1:9587:9587 -v "$PWD/config/compose:/app/config:ro" smtpmux
