@@ -80,6 +80,7 @@ local wait = tat - now
 if wait > maxWait then return {0, math.ceil(wait)} end
 local nextTat = tat + interval * cost
 redis.call('SET', KEYS[1], string.format('%.3f', nextTat), 'PX', math.max(1, math.ceil(nextTat - now)))
+if wait < 1 then return {1, 0} end
 return {1, math.ceil(wait)}`,
 
   /** ARGV: limit, period. */
