@@ -51,6 +51,53 @@ interface Downstream {
   readonly tags: readonly string[];
   /** Relative weight from the config (default 1, may be 0), for weighted strategies. */
   readonly weight: number;
+
+  // What SMTP Mux knows about the downstream as this message starts (a snapshot; it does not change
+  // while the script runs).
+
+  /** "cooling" after a back-off signal (refused or timed-out connection, 421, 454, 4.7.x, quota reply,
+   *  login refused) while its `cooldown` runs: it is skipped, and send() to it fails at once with
+   *  SMTPMUX_DOWNSTREAM_COOLING. "up" otherwise. */
+  readonly state: 'up' | 'cooling';
+  /** Until when (milliseconds since the epoch, like Date.now()) it cools; null when up. */
+  readonly cooldownUntil: number | null;
+  /** Consecutive failed attempts since its last success (0 when healthy). */
+  readonly failures: number;
+  /** The last failure: nodemailer's or SMTP Mux's code and the downstream's reply text; never credentials. */
+  readonly lastError: DownstreamError | null;
+  /** Its quota (`quota:` in the config) over the rolling window; null when it has none. */
+  readonly quota: DownstreamQuota | null;
+  /** Its rate (`rate:` in the config); null when it has none. */
+  readonly rate: DownstreamRate | null;
+  /** Attempts in flight through it right now (from this SMTP Mux process). */
+  readonly inflight: number;
+}
+
+interface DownstreamError {
+  /** e.g. "ECONNECTION", "ETIMEDOUT", "EAUTH", "EMESSAGE". */
+  readonly code: string;
+  /** The downstream's reply, e.g. "454 Throttling failure: Maximum sending rate exceeded"; null when it did not answer. */
+  readonly response: string | null;
+}
+
+interface DownstreamQuota {
+  /** What the window allows (messages, or recipients with `count: recipients`). */
+  readonly limit: number;
+  /** Accepted deliveries (and attempts in flight) in the window now. */
+  readonly used: number;
+  /** limit − used, never below 0. */
+  readonly remaining: number;
+  /** When the oldest delivery in the window leaves it (ms since the epoch); null when the window is empty. */
+  readonly resetsAt: number | null;
+}
+
+interface DownstreamRate {
+  /** How many per period. */
+  readonly limit: number;
+  /** The period in milliseconds (1000 for `14/s`). */
+  readonly per: number;
+  /** Slots free right now, without waiting. */
+  readonly available: number;
 }
 
 /** What `await send(ds)` resolves with when a downstream accepted the message. Frozen. */
@@ -103,6 +150,12 @@ type SendErrorCode =
   | 'SMTPMUX_RUN_OVER'
   /** The global send() was called while no message's run was executing (at load time): use ctx.send(). */
   | 'SMTPMUX_NO_RUN'
+  /** The downstream is cooling down after a back-off signal; it was not contacted (temporary). */
+  | 'SMTPMUX_DOWNSTREAM_COOLING'
+  /** The downstream is at its rate and no slot frees within delivery.rate_wait_ms (temporary). */
+  | 'SMTPMUX_DOWNSTREAM_RATE'
+  /** The downstream has no quota left in its window (temporary). */
+  | 'SMTPMUX_DOWNSTREAM_QUOTA'
   | (string & {});
 
 /** The plain record a SendError is built from. */

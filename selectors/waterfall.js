@@ -10,6 +10,11 @@
  *
  * Configure:   users: [{ ..., selector: waterfall.js, downstreams: [primary, backup, last-resort] }]
  * Order the downstreams by preference. `limits.max_sends` (default 5) caps how many are tried.
+ *
+ * A downstream that is cooling down after failures (`state: 'cooling'`, see `cooldown:` in the config) is
+ * skipped without a send(). When every one is cooling, the one whose cooldown ends first is tried: SMTP
+ * Mux lets that through as a probe now and then (so the proxy heals itself) and refuses it at once
+ * otherwise.
  */
 
 /**
@@ -20,9 +25,14 @@
  */
 async function select(message, downstreams, ctx) {
   if (downstreams.length === 0) return 'no downstream is configured';
+  const up = downstreams.filter((ds) => ds.state !== 'cooling');
+  for (const ds of downstreams) {
+    if (ds.state === 'cooling') ctx.log(`${message.id}: skipping ${ds.name}, cooling down until ${new Date(ds.cooldownUntil ?? 0).toISOString()}`);
+  }
+  const order = up.length > 0 ? up : [...downstreams].sort((a, b) => (a.cooldownUntil ?? 0) - (b.cooldownUntil ?? 0)).slice(0, 1);
   /** @type {SendError | undefined} */
   let last;
-  for (const ds of downstreams) {
+  for (const ds of order) {
     try {
       const result = await ctx.send(ds);
       ctx.log(`${message.id}: delivered via ${result.downstream} in ${result.ms} ms`);

@@ -162,6 +162,7 @@ export class App {
     };
     let built: Awaited<ReturnType<typeof Runtime.build>>;
     try {
+      // One store for the life of the process: cooldowns, rates and quotas survive every reload.
       built = await Runtime.build(config, undefined, hooks, state);
     } catch (err) {
       await state.close();

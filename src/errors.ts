@@ -29,6 +29,7 @@ export const CATALOGUE = {
   SMTPMUX_SELECTOR_BAD_RESULT: { reply: 451, enhanced: '4.3.0', text: 'The routing script returned no usable downstream; the message was not sent' },
   SMTPMUX_SELECTOR_UNAVAILABLE: { reply: 451, enhanced: '4.3.0', text: 'The routing script is not loaded; the message was not sent, please try again later' },
   SMTPMUX_DOWNSTREAMS_UNAVAILABLE: { reply: 451, enhanced: '4.4.1', text: 'No downstream server accepted the message for now; please try again later' },
+  SMTPMUX_DOWNSTREAMS_LIMITED: { reply: 451, enhanced: '4.4.1', text: 'Every downstream server is cooling down after failures or at its rate or quota limit; please try again later' },
   SMTPMUX_DOWNSTREAM_REJECTED: { reply: 554, enhanced: '5.0.0', text: 'Every downstream server refused the message permanently' },
   SMTPMUX_USER_GONE: { reply: 451, enhanced: '4.7.0', text: 'Your login is no longer configured; reconnect and log in again' },
   SMTPMUX_SHUTTING_DOWN: { reply: 421, enhanced: '4.3.2', text: 'SMTP Mux is shutting down; please try again later' },
@@ -70,6 +71,9 @@ export const SEND_CODES = {
   SMTPMUX_SEND_LIMIT: 'Too many send() calls for one message',
   SMTPMUX_RUN_OVER: 'The selector run for this message is over',
   SMTPMUX_NO_RUN: 'No selector run is executing: call send() and log() from select(), or use ctx.send() and ctx.log()',
+  SMTPMUX_DOWNSTREAM_COOLING: 'This downstream is cooling down after failures and is not contacted for now',
+  SMTPMUX_DOWNSTREAM_RATE: 'This downstream is at its rate limit and no slot frees within the wait allowed',
+  SMTPMUX_DOWNSTREAM_QUOTA: 'This downstream has no quota left for now',
 } as const;
 
 export type SendCode = keyof typeof SEND_CODES;

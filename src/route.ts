@@ -1,5 +1,6 @@
 // One message, one way through: selector run → delivery attempts → one verdict → one log line.
-import { Delivery } from './delivery/delivery';
+import type { Config } from './config/load';
+import { Delivery, type DeliveryOptions } from './delivery/delivery';
 import type { Envelope } from './delivery/pool';
 import type { MessageBody } from './message/body';
 import type { Logger } from './observe/logger';
@@ -30,7 +31,7 @@ export async function decide(
   let selectorSeconds = 0;
   try {
     const started = performance.now();
-    outcome = await user.selector.run(message, user.downstreams, host);
+    outcome = await user.selector.run(message, await user.views(), host);
     selectorSeconds = (performance.now() - started) / 1000;
     if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
   } catch (err) {
@@ -48,6 +49,11 @@ export function attemptResult(attempt: { readonly ok: boolean; readonly permanen
   return attempt.ok ? 'ok' : attempt.permanent ? 'permanent' : 'temporary';
 }
 
+/** The Delivery settings of one message under this config. */
+export function deliveryOptions(config: Config, messageId: string): DeliveryOptions {
+  return { messageId, maxSends: config.limits.maxSends, attemptTimeoutMs: config.delivery.attemptTimeoutMs, rateWaitMs: config.delivery.rateWaitMs };
+}
+
 export async function routeMessage(
   runtime: Runtime,
   user: UserRuntime,
@@ -60,7 +66,7 @@ export async function routeMessage(
   const started = Date.now();
   const selector = user.selectorLabel;
   const log = logger.child({ msgId: message.id, user: user.email });
-  const delivery = new Delivery(body, envelope, user.targets, { maxSends: runtime.config.limits.maxSends, attemptTimeoutMs: runtime.config.delivery.attemptTimeoutMs });
+  const delivery = new Delivery(body, envelope, user.targets, deliveryOptions(runtime.config, message.id));
 
   const { outcome, verdict, selectorSeconds } = await decide(user, message, delivery, {
     send: (target) => delivery.send(target),
@@ -70,8 +76,12 @@ export async function routeMessage(
 
   metrics.selectorRun(selectorSeconds);
   // Attempts name configured downstreams only (a name the script made up is refused before an attempt).
-  for (const attempt of delivery.attempts) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
+  // A skipped downstream was not contacted: not an attempt for the metrics.
+  for (const attempt of delivery.attempts) if (!attempt.skipped) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
 
+  for (const attempt of delivery.attempts) {
+    if (attempt.coolingUntil) log.warn({ downstream: attempt.downstream, until: attempt.coolingUntil, code: attempt.code, responseCode: attempt.responseCode }, 'downstream cooling down');
+  }
   const line = {
     from: envelope.from,
     rcpts: envelope.to.length,

@@ -9,14 +9,16 @@ import { storedPassword, type StoredPassword } from './auth/password';
 import { ConfigError, type Config, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/delivery';
+import { DownstreamGate, stateKey } from './downstreams/gate';
 import { readSelector, SelectorLoadError, SelectorSandbox } from './selector/sandbox';
+import type { DownstreamConfigView, DownstreamView } from './selector/types';
 import { MemoryStateStore } from './state/memory';
 import type { StateStore } from './state/store';
-import type { DownstreamView } from './selector/types';
 
 /** A downstream as the delivery uses it, with what a selector is told about it. */
 export interface UserTarget extends DeliveryTarget {
-  readonly view: DownstreamView;
+  readonly view: DownstreamConfigView;
+  readonly gate: DownstreamGate;
 }
 
 export interface UserRuntime {
@@ -24,7 +26,10 @@ export interface UserRuntime {
   /** The selector's path as logs show it: relative to the working folder when inside it. */
   readonly selectorLabel: string;
   readonly selector: SelectorSandbox;
-  readonly downstreams: readonly DownstreamView[];
+  /** The downstreams as the config describes them, in config order. */
+  readonly downstreams: readonly DownstreamConfigView[];
+  /** What a selector is given for one message: each downstream's config view with its status now. */
+  views(): Promise<readonly DownstreamView[]>;
   /** By name and by addr. */
   readonly targets: ReadonlyMap<string, UserTarget>;
   /** The stored password; its `id` changes when the password does (sessions compare it to end with it). */
@@ -103,8 +108,10 @@ export class Runtime {
     private readonly users: ReadonlyMap<string, UserRuntime>,
     readonly pools: ReadonlyMap<string, DownstreamPool>,
     readonly sandboxes: ReadonlyMap<string, SelectorSandbox>,
-    /** Host-side state (ctx.state, downstream health): owned by whoever made it (the App), shared by every Runtime. */
+    /** Host-side state (ctx.state, downstream health, rates, quotas): owned by whoever made it (the App), shared by every Runtime. */
     readonly state: StateStore,
+    /** Per-downstream gates, carried across reloads while their key and policy stay (attempts in flight, probes). */
+    readonly gates: ReadonlyMap<string, DownstreamGate>,
   ) {
     for (const pool of pools.values()) hold(pool);
     for (const sandbox of sandboxes.values()) hold(sandbox);
@@ -117,7 +124,9 @@ export class Runtime {
    * fresh in-memory one is made (`smtpmux check`, `smtpmux try`).
    */
   static async build(config: Config, previous?: Runtime, hooks: RuntimeHooks = {}, state?: StateStore): Promise<{ runtime: Runtime; changes: RuntimeChanges }> {
+    const store = state ?? previous?.state ?? new MemoryStateStore();
     const settings: PoolSettings = { ...config.delivery, hostname: config.hostname };
+    const gates = new Map<string, DownstreamGate>();
     const limits = { timeoutMs: config.limits.selectorTimeoutMs, memoryMb: config.limits.selectorMemoryMb, maxSends: config.limits.maxSends };
     const pools = new Map<string, DownstreamPool>();
     const sandboxes = new Map<string, SelectorSandbox>();
@@ -171,8 +180,12 @@ export class Runtime {
         const key = poolKey(ds, settings);
         const pool = pools.get(key) ?? previous?.pools.get(key) ?? new DownstreamPool(ds, settings);
         pools.set(key, pool);
-        const view: DownstreamView = Object.freeze({ name: ds.name, addr: ds.addr, host: ds.host, port: ds.port, tls: ds.tls, tags: ds.tags, weight: ds.weight });
-        return { name: ds.name, view, pool };
+        const view: DownstreamConfigView = Object.freeze({ name: ds.name, addr: ds.addr, host: ds.host, port: ds.port, tls: ds.tls, tags: ds.tags, weight: ds.weight });
+        const policy = { rate: ds.rate, quota: ds.quota, count: ds.count, cooldown: ds.cooldown };
+        const gateKey = JSON.stringify([stateKey(user.email, ds), policy]);
+        const gate = gates.get(gateKey) ?? previous?.gates.get(gateKey) ?? new DownstreamGate(stateKey(user.email, ds), policy, store);
+        gates.set(gateKey, gate);
+        return { name: ds.name, view, pool, gate, from: ds.from };
       });
       const views = entries.map((e) => e.view);
       // A downstream is found by addr or by name; names win where one's name is another's addr.
@@ -183,6 +196,7 @@ export class Runtime {
           selectorLabel: selectorLabel(user.selectorPath),
           selector,
           downstreams: Object.freeze(views),
+          views: () => Promise.all(entries.map(async (e): Promise<DownstreamView> => ({ ...e.view, ...(await e.gate.view()) }))),
           targets,
           password: storedPassword(user.password),
         });
@@ -195,7 +209,7 @@ export class Runtime {
       throw new RuntimeBuildError(failures);
     }
 
-    const runtime = new Runtime(config, users, pools, sandboxes, state ?? previous?.state ?? new MemoryStateStore());
+    const runtime = new Runtime(config, users, pools, sandboxes, store, gates);
     return { runtime, changes: describeChanges(previous, runtime, compiled) };
   }
 

@@ -7,7 +7,7 @@ import { Delivery } from './delivery/delivery';
 import { MessageBody } from './message/body';
 import { createLogger } from './observe/logger';
 import { Metrics } from './observe/metrics';
-import { decide, routeMessage } from './route';
+import { decide, deliveryOptions, routeMessage } from './route';
 import { describeLoadFailure, Runtime } from './runtime';
 import { newMessageId } from './smtp/server';
 import { SelectorState } from './selector/state';
@@ -84,11 +84,13 @@ function parse(argv: string[]): TryOptions {
   };
 }
 
+const SKIP_TEXT = { cooling: 'cooling down', rate: 'at its rate limit', quota: 'out of quota' } as const;
+
 /** A downstream's simulated answer: accepted, or the failure --fail asked for. */
 function simulate(name: string, fail: Map<string, 'temp' | 'perm'>): AttemptResult {
   const kind = fail.get(name);
-  if (kind === 'perm') return { ok: false, code: 'EENVELOPE', responseCode: 550, response: '550 5.1.1 simulated permanent failure', permanent: true, message: 'simulated permanent failure' };
-  if (kind === 'temp') return { ok: false, code: 'ECONNECTION', responseCode: 451, response: '451 4.4.1 simulated temporary failure', permanent: false, message: 'simulated temporary failure' };
+  if (kind === 'perm') return { ok: false, code: 'EENVELOPE', responseCode: 550, response: '550 5.1.1 simulated permanent failure', permanent: true, backoff: false, message: 'simulated permanent failure' };
+  if (kind === 'temp') return { ok: false, code: 'ECONNECTION', responseCode: 451, response: '451 4.4.1 simulated temporary failure', permanent: false, backoff: true, message: 'simulated temporary failure' };
   return { ok: true, responseCode: 250, response: '250 2.0.0 simulated OK', rejected: [] };
 }
 
@@ -152,12 +154,9 @@ export async function runTry(argv: string[]): Promise<number> {
       // The same Delivery the proxy uses, so the latch and the send cap behave as they will for real,
       // with downstreams that answer as --fail says instead of over the network.
       const simulated = new Map(
-        [...user.targets].map(([key, target]) => [key, { name: target.name, pool: { send: async () => simulate(target.name, options.fail) } }]),
+        [...user.targets].map(([key, target]) => [key, { ...target, pool: { send: async () => simulate(target.name, options.fail) } }]),
       );
-      const delivery = new Delivery({ open: () => Buffer.alloc(0) }, { from: options.from, to: options.to, use8BitMime: false, size: options.size }, simulated, {
-        maxSends: config.limits.maxSends,
-        attemptTimeoutMs: config.delivery.attemptTimeoutMs,
-      });
+      const delivery = new Delivery({ open: () => Buffer.alloc(0) }, { from: options.from, to: options.to, use8BitMime: false, size: options.size }, simulated, deliveryOptions(config, message.id));
       const { outcome, verdict } = await decide(user, message, delivery, {
         send: async (target) => {
           const record = await delivery.send(target);
@@ -179,7 +178,12 @@ export async function runTry(argv: string[]): Promise<number> {
       else if (outcome.kind === 'reason') console.log(`  gave up: ${outcome.reason}${outcome.location ? ` (${outcome.location})` : ''}`);
       else if (outcome.kind === 'fault') console.log(`  selector ${outcome.fault}: ${outcome.detail}${outcome.location ? ` at ${outcome.location}` : ''}`);
       for (const line of sends) console.log(`  ${line}`);
-      if (outcome.kind === 'order') for (const a of delivery.attempts) console.log(`  tried ${a.downstream}: ${a.ok ? 'accepted' : `${a.code} ${a.responseCode ?? ''}`.trim()}`);
+      for (const a of delivery.attempts) {
+        // What the host did on its own: skipped a downstream (cooling, rate, quota) or probed a cooling one.
+        if (a.skipped) console.log(`  skipped ${a.downstream}: ${SKIP_TEXT[a.skipped]} until ${a.until}`);
+        else if (outcome.kind === 'order' || a.probe) console.log(`  ${a.probe ? 'probed' : 'tried'} ${a.downstream}: ${a.ok ? 'accepted' : `${a.code} ${a.responseCode ?? ''}`.trim()}`);
+        if (a.coolingUntil) console.log(`  ${a.downstream} cools down until ${a.coolingUntil}`);
+      }
       for (const problem of delivery.problems) console.log(`  problem: ${problem}`);
       console.log(`  reply: ${reply}`);
     }

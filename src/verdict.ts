@@ -22,7 +22,12 @@ export function judge(delivery: { readonly delivered?: { readonly downstream: st
     if (outcome.kind === 'fault' && outcome.fault === 'threw') return { delivered: false, error: new SmtpMuxError('SMTPMUX_SELECTOR_FAILED') };
     return { delivered: false, error: new SmtpMuxError('SMTPMUX_SELECTOR_BAD_RESULT') };
   }
-  const summary = attempts.map((a) => `${a.downstream}: ${a.responseCode ?? a.code}`).join(', ');
+  if (attempts.every((a) => a.skipped)) {
+    // Nothing was contacted: say why each downstream was left alone, and until when.
+    const why = attempts.map((a) => `${a.downstream}: ${a.skipped === 'quota' ? 'out of quota' : a.skipped === 'rate' ? 'at its rate limit' : 'cooling down'} until ${a.until}`);
+    return { delivered: false, error: new SmtpMuxError('SMTPMUX_DOWNSTREAMS_LIMITED', [...new Set(why)].join(', ')) };
+  }
+  const summary = attempts.map((a) => `${a.downstream}: ${a.skipped ? `skipped (${a.skipped})` : (a.responseCode ?? a.code)}`).join(', ');
   const last = attempts[attempts.length - 1];
   if (attempts.every((a) => a.permanent)) {
     // Pass the downstream's own reply through: it says best why the message was refused.

@@ -213,3 +213,25 @@ describe('config', () => {
     expect(result.stdout).toContain(`${file}: OK`);
   });
 });
+
+describe('downstream limits', () => {
+  test('rate, quota, count, cooldown, from and account are read into numbers; a bad one is named by key', async () => {
+    const text = GOOD.replace('        pass: relay-pass\n', '        pass: relay-pass\n        rate: 14/s\n        quota: 200/24h\n        count: recipients\n        cooldown: 60s\n        cooldown_max: 10m\n        from: noreply@verified.example\n        account: ses-main\n');
+    const config = await parseConfig(text, write('limits.yaml', text), {});
+    expect(config.users[0].downstreams[0]).toMatchObject({
+      rate: { limit: 14, periodMs: 1000 },
+      quota: { limit: 200, periodMs: 86_400_000 },
+      count: 'recipients',
+      cooldown: { baseMs: 60_000, maxMs: 600_000 },
+      from: 'noreply@verified.example',
+      account: 'ses-main',
+    });
+    expect(config.delivery.rateWaitMs).toBe(1000);
+
+    const bad = GOOD.replace('        pass: relay-pass\n', '        pass: relay-pass\n        rate: fast\n        quota: 0/d\n        cooldown: soon\n        from: "Name <a@b>"\n');
+    const file = write('bad-limits.yaml', bad);
+    const problems = await problemsOf(bad, file);
+    for (const key of ['rate', 'quota', 'cooldown', 'from']) expect(problems).toContainEqual(expect.stringContaining(`users[0].downstreams[0].${key}:`));
+    expect(problems.join('\n')).toMatch(/"fast": write a rate as N\/<period>, e\.g\. 14\/s/);
+  });
+});

@@ -215,7 +215,9 @@ describe('a selector that misbehaves', () => {
     const logs = scriptLogs(proxy);
     const views = JSON.parse(logs.find((l) => l.startsWith('downstreams='))!.slice('downstreams='.length)) as Record<string, unknown>[];
     expect(views.map((v) => v.name)).toEqual(['good', 'bad', 'other']);
-    for (const view of views) expect(Object.keys(view).sort()).toEqual(['addr', 'host', 'name', 'port', 'tags', 'tls', 'weight']);
+    // The config fields (never credentials) and the host's status snapshot of each downstream.
+    const fields = ['addr', 'cooldownUntil', 'failures', 'host', 'inflight', 'lastError', 'name', 'port', 'quota', 'rate', 'state', 'tags', 'tls', 'weight'];
+    for (const view of views) expect(Object.keys(view).sort()).toEqual(fields);
     expect(views[0]).toMatchObject({ addr: good.addr, host: '127.0.0.1', port: good.port, tags: ['primary'] });
     const everything = logs.join('\n');
     expect(everything).not.toContain(RELAY_PASS);

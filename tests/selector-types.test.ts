@@ -30,7 +30,7 @@ test('the Downstream type script authors see lists exactly the fields a selector
 `;
   const { runtime } = await Runtime.build(await parseConfig(text, path.join(__dirname, 'virtual.yaml'), {}));
   try {
-    const view = runtime.user('u@example.com')!.downstreams[0];
+    const [view] = await runtime.user('u@example.com')!.views();
     expect(members('Downstream')).toEqual(Object.keys(view).sort());
     expect(JSON.stringify(view)).not.toMatch(/secret/);
   } finally {

@@ -40,7 +40,8 @@ function message(overrides: Partial<MessageSummary> = {}): MessageSummary {
 }
 
 function downstream(name: string, extra: Partial<DownstreamView> = {}): DownstreamView {
-  return { name, addr: `${name}.example:587`, host: `${name}.example`, port: 587, tls: 'auto', tags: [], weight: 1, ...extra };
+  const status = { state: 'up' as const, cooldownUntil: null, failures: 0, lastError: null, quota: null, rate: null, inflight: 0 };
+  return { name, addr: `${name}.example:587`, host: `${name}.example`, port: 587, tls: 'auto', tags: [], weight: 1, ...status, ...extra };
 }
 
 /** How a fake downstream answers: it accepts, or fails with this nodemailer-style error. */

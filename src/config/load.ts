@@ -23,6 +23,23 @@ export interface DownstreamConfig {
   readonly verifyTls: boolean;
   readonly tags: readonly string[];
   readonly weight: number;
+  /** At most `limit` attempts per `periodMs`, paced smoothly. */
+  readonly rate?: Readonly<Period>;
+  /** At most `limit` accepted per rolling `periodMs`. */
+  readonly quota?: Readonly<Period>;
+  /** What rate and quota count. */
+  readonly count: 'messages' | 'recipients';
+  /** The pause after a back-off signal, doubling up to maxMs; absent: never cools. */
+  readonly cooldown?: { readonly baseMs: number; readonly maxMs: number };
+  /** The verified address a message sent through this downstream is sent from (From rewrite). */
+  readonly from?: string;
+  /** Whose health, rate and quota this downstream shares (`account:`); absent: its own, per user. */
+  readonly account?: string;
+}
+
+export interface Period {
+  limit: number;
+  periodMs: number;
 }
 
 export interface UserConfig {
@@ -49,7 +66,7 @@ export interface Config {
   readonly allowInsecureAuth: boolean;
   readonly maxMessageSize: number;
   readonly limits: { readonly selectorTimeoutMs: number; readonly selectorMemoryMb: number; readonly maxSends: number };
-  readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly attemptTimeoutMs: number; readonly maxConnections: number };
+  readonly delivery: { readonly connectTimeoutMs: number; readonly socketTimeoutMs: number; readonly attemptTimeoutMs: number; readonly maxConnections: number; readonly rateWaitMs: number };
   readonly state: StateConfig;
   /** Inbound TLS: STARTTLS on the listener, and an implicit-TLS listener when `implicit` is set. */
   readonly tls?: TlsConfig;
@@ -297,6 +314,12 @@ export async function parseConfig(text: string, file: string, env: Env = process
               verifyTls: ds.verify_tls,
               tags: Object.freeze([...ds.tags]),
               weight: ds.weight,
+              rate: ds.rate && Object.freeze(ds.rate),
+              quota: ds.quota && Object.freeze(ds.quota),
+              count: ds.count,
+              cooldown: ds.cooldown ? Object.freeze({ baseMs: ds.cooldown, maxMs: Math.max(ds.cooldown, ds.cooldown_max) }) : undefined,
+              from: ds.from,
+              account: ds.account,
             }),
           ),
         ),
@@ -320,6 +343,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
       socketTimeoutMs: data.delivery.socket_timeout_ms,
       attemptTimeoutMs: data.delivery.attempt_timeout_ms,
       maxConnections: data.delivery.max_connections,
+      rateWaitMs: data.delivery.rate_wait_ms,
     }),
     state: Object.freeze({ redis: data.state.redis, prefix: data.state.prefix, timeoutMs: data.state.timeout_ms }),
     tls,

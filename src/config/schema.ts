@@ -21,6 +21,42 @@ const byteSize = z.union([z.number(), z.string()], { error: `must be a size (${S
 /** The admin HTTP listener's port unless the config or SMTPMUX_HTTP_PORT says otherwise. */
 export const DEFAULT_HTTP_PORT = 9587;
 
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+const DURATION_HINT = 'use a number with ms, s, m, h or d, e.g. 60s, 30m, 24h';
+
+function parseDuration(text: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$/i.exec(text);
+  return match ? Math.round(Number(match[1]) * DURATION_UNITS[match[2].toLowerCase()]) : NaN;
+}
+
+/** "60s", "30m", "200ms" → milliseconds (a bare number is milliseconds). */
+const duration = z.union([z.number(), z.string()], { error: `must be a duration (${DURATION_HINT})` }).transform((value, ctx) => {
+  const ms = typeof value === 'number' ? value : parseDuration(value);
+  if (!Number.isSafeInteger(ms) || ms < 0) {
+    ctx.addIssue({ code: 'custom', message: `${JSON.stringify(value)} is not a duration (${DURATION_HINT})` });
+    return z.NEVER;
+  }
+  return ms;
+});
+
+/**
+ * "14/s", "100/m", "200/24h", "100/d" → { limit, periodMs }: `limit` per period, where the period is a
+ * unit (s, m, h, d) or a duration (24h, 10m). `units` are the ones allowed without a number.
+ */
+function perPeriod(what: string, example: string) {
+  const hint = `write ${what} as N/<period>, e.g. ${example}`;
+  return z.string({ error: hint }).transform((value, ctx) => {
+    const match = /^\s*(\d+)\s*\/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*$/i.exec(value);
+    const limit = match ? Number(match[1]) : NaN;
+    const periodMs = match ? Math.round(Number(match[2] ?? 1) * DURATION_UNITS[match[3].toLowerCase()]) : NaN;
+    if (!Number.isSafeInteger(limit) || limit < 1 || !Number.isSafeInteger(periodMs) || periodMs < 1) {
+      ctx.addIssue({ code: 'custom', message: `${JSON.stringify(value)}: ${hint}` });
+      return z.NEVER;
+    }
+    return { limit, periodMs };
+  });
+}
+
 // 0 lets the OS pick a free port (tests do).
 const port = z.coerce.number().int().min(0).max(65535);
 
@@ -40,6 +76,13 @@ export const downstreamSchema = z
     verify_tls: z.boolean().default(true),
     tags: z.array(z.string()).default([]),
     weight: z.number().nonnegative().default(1),
+    rate: perPeriod('a rate', '14/s, 100/m or 1000/h').optional(),
+    quota: perPeriod('a quota', '200/24h or 100/d').optional(),
+    count: z.enum(['messages', 'recipients']).default('messages'),
+    cooldown: duration.optional(),
+    cooldown_max: duration.default(30 * 60_000),
+    from: z.string().regex(/^[^\s<>@]+@[^\s<>@]+$/, 'must be a plain address, e.g. noreply@verified.example').optional(),
+    account: z.string().min(1).regex(/^\S+$/, 'must not contain spaces').optional(),
   })
   .strict()
   .refine((ds) => (ds.user === undefined) === (ds.pass === undefined), {
@@ -93,9 +136,10 @@ export const configSchema = z
         socket_timeout_ms: z.number().int().min(100).default(60_000),
         attempt_timeout_ms: z.number().int().min(100).max(3_600_000).default(120_000),
         max_connections: z.number().int().min(1).max(100).default(5),
+        rate_wait_ms: z.number().int().min(0).max(60_000).default(1000),
       })
       .strict()
-      .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, attempt_timeout_ms: 120_000, max_connections: 5 }),
+      .default({ connect_timeout_ms: 10_000, socket_timeout_ms: 60_000, attempt_timeout_ms: 120_000, max_connections: 5, rate_wait_ms: 1000 }),
     state: z
       .object({
         redis: z

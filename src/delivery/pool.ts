@@ -3,6 +3,7 @@
 // settings alone keeps its open connections.
 import { createHash } from 'node:crypto';
 import { BlockList, isIP } from 'node:net';
+import type { Readable } from 'node:stream';
 import nodemailer from 'nodemailer';
 import type { DownstreamConfig } from '../config/load';
 import { useFastStuffing } from '../message/dot-stuffing';
@@ -22,6 +23,12 @@ export interface Envelope {
   readonly use8BitMime: boolean;
   readonly size: number;
 }
+
+/**
+ * The bytes of one attempt: the body as received (a Buffer, or a spilled body's file, which nodemailer
+ * opens afresh on a requeue), or a stream built for this attempt (a From rewrite of a spilled body).
+ */
+export type RawMessage = Buffer | { readonly path: string } | Readable;
 
 export type AttemptResult =
   | { readonly ok: true; readonly responseCode: number; readonly response: string; readonly rejected: readonly string[] }
@@ -102,7 +109,7 @@ export class DownstreamPool {
   }
 
   /** Sends the raw message unchanged with the given envelope, within the attempt's deadline; never rejects. */
-  async send(envelope: Envelope, raw: Buffer | { readonly path: string }, options: SendOptions): Promise<AttemptResult> {
+  async send(envelope: Envelope, raw: RawMessage, options: SendOptions): Promise<AttemptResult> {
     const deadline = new AbortController();
     // nodemailer closes the connection an aborted message holds (or drops it from the queue), so the
     // pool slot is free for the next message; other deliveries in the pool carry on.
@@ -111,7 +118,7 @@ export class DownstreamPool {
       const info = await this.transport.sendMail({
         // use8BitMime and size reach MAIL FROM (BODY=8BITMIME, SIZE=) though nodemailer's type omits them.
         envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
-        raw: raw as Buffer | { path: string },
+        raw: raw as Buffer | { path: string } | Readable,
         // nodemailer otherwise makes a random Message-ID per message for its own bookkeeping (a raw
         // message is sent as it is; this value never reaches the wire): about 3% of a small message's CPU.
         messageId: RELAY_MESSAGE_ID,
@@ -124,7 +131,7 @@ export class DownstreamPool {
       if (deadline.signal.aborted) {
         // The downstream may have accepted just as we gave up: as with a reply lost after the final
         // dot, that is a failed attempt (RFC 1047), logged as such.
-        return { ok: false, code: 'ETIMEDOUT', permanent: false, message: `no final reply within ${options.timeoutMs} ms (delivery.attempt_timeout_ms); the attempt was aborted` };
+        return { ok: false, code: 'ETIMEDOUT', permanent: false, backoff: true, message: `no final reply within ${options.timeoutMs} ms (delivery.attempt_timeout_ms); the attempt was aborted` };
       }
       return { ok: false, ...classifyFailure(err) };
     } finally {

@@ -12,8 +12,8 @@ export interface MessageSummary {
   readonly clientAddress: string;
 }
 
-/** What a selector learns about a downstream: never its credentials. */
-export interface DownstreamView {
+/** What a selector learns about a downstream from the config: never its credentials. */
+export interface DownstreamConfigView {
   readonly name: string;
   readonly addr: string;
   readonly host: string;
@@ -22,6 +22,25 @@ export interface DownstreamView {
   readonly tags: readonly string[];
   readonly weight: number;
 }
+
+/** What the host knows about a downstream right now (src/downstreams/gate.ts), as of the message's start. */
+export interface DownstreamStatus {
+  readonly state: 'up' | 'cooling';
+  /** Until when (ms since the epoch) it is not contacted; null when up. */
+  readonly cooldownUntil: number | null;
+  /** Consecutive failures since its last success. */
+  readonly failures: number;
+  /** The last failure: a code and the downstream's reply text, never credentials. */
+  readonly lastError: { readonly code: string; readonly response: string | null } | null;
+  readonly quota: { readonly limit: number; readonly used: number; readonly remaining: number; readonly resetsAt: number | null } | null;
+  /** `per`: the period in milliseconds; `available`: slots free right now. */
+  readonly rate: { readonly limit: number; readonly per: number; readonly available: number } | null;
+  /** Attempts in flight through it from this process. */
+  readonly inflight: number;
+}
+
+/** What a selector learns about a downstream: its config (never credentials) and its status. */
+export type DownstreamView = DownstreamConfigView & DownstreamStatus;
 
 /** The record send() resolves with (ok) or turns into a thrown SendError (not ok). */
 export type SendRecord =
