@@ -44,8 +44,9 @@ export async function decide(
   return { outcome, verdict: judge(delivery, outcome), selectorSeconds };
 }
 
-/** The metrics' name for how an attempt ended. */
-export function attemptResult(attempt: { readonly ok: boolean; readonly permanent?: boolean }): AttemptResult {
+/** The metrics' name for how an attempt ended; one the delivery skipped (a cooling downstream, say) says why in `skipped`. */
+export function attemptResult(attempt: { readonly ok: boolean; readonly permanent?: boolean; readonly skipped?: string }): AttemptResult {
+  if (attempt.skipped) return 'skipped';
   return attempt.ok ? 'ok' : attempt.permanent ? 'permanent' : 'temporary';
 }
 
