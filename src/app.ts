@@ -31,13 +31,26 @@ const VERSION = (() => {
 /** Seconds between refreshes of the status page. */
 const STATUS_REFRESH_SECONDS = 10;
 
-/**
- * The state of every configured downstream. No cooldown or quota is kept yet, so every downstream is
- * tried and is "up"; once downstream state exists (src/downstreams, behind src/state/store.ts), this
- * is where it is read.
- */
-function downstreamStates(runtime: Runtime): DownstreamState[] {
-  return runtime.config.users.flatMap((user) => user.downstreams.map((ds) => ({ user: user.email, downstream: ds.name, up: true })));
+/** The state of every configured downstream (cooldown, quota), read from its gate: what a selector sees. */
+function downstreamStates(runtime: Runtime): Promise<DownstreamState[]> {
+  return Promise.all(
+    runtime.config.users.flatMap((user) =>
+      user.downstreams.map(async (ds): Promise<DownstreamState> => {
+        const gate = runtime.user(user.email)?.targets.get(ds.name)?.gate;
+        const base = { user: user.email, downstream: ds.name };
+        if (!gate) return { ...base, up: true };
+        const view = await gate.view();
+        return {
+          ...base,
+          up: view.state !== 'cooling',
+          cooldownUntil: view.cooldownUntil ?? undefined,
+          failures: view.failures,
+          lastErrorCode: view.lastError?.code,
+          quota: view.quota ? { used: view.quota.used, limit: view.quota.limit } : undefined,
+        };
+      }),
+    ),
+  );
 }
 
 export interface AppOptions {
@@ -262,7 +275,7 @@ export class App {
   /** What the status page shows: nothing secret, no message content, no recipient. */
   async status(): Promise<StatusView> {
     const runtime = this.current;
-    const [counts, states] = await Promise.all([this.metrics.messageCounts(), Promise.resolve(downstreamStates(runtime))]);
+    const [counts, states] = await Promise.all([this.metrics.messageCounts(), downstreamStates(runtime)]);
     const stateOf = new Map(states.map((s) => [`${s.user}\0${s.downstream}`, s]));
     return {
       now: Date.now(),
@@ -288,6 +301,8 @@ export class App {
               tls: ds.tls,
               up: state?.up ?? true,
               cooldownUntil: state?.cooldownUntil,
+              failures: state?.failures ?? 0,
+              lastErrorCode: state?.lastErrorCode,
               quota: state?.quota,
               recent: this.metrics.recent.summary(user.email, ds.name),
             };

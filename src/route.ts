@@ -77,8 +77,8 @@ export async function routeMessage(
 
   metrics.selectorRun(selectorSeconds);
   // Attempts name configured downstreams only (a name the script made up is refused before an attempt).
-  // A skipped downstream was not contacted: not an attempt for the metrics.
-  for (const attempt of delivery.attempts) if (!attempt.skipped) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
+  // A downstream skipped (cooling, at its rate, out of quota) was not contacted: result="skipped".
+  for (const attempt of delivery.attempts) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
 
   for (const attempt of delivery.attempts) {
     if (attempt.coolingUntil) log.warn({ downstream: attempt.downstream, until: attempt.coolingUntil, code: attempt.code, responseCode: attempt.responseCode }, 'downstream cooling down');

@@ -1,12 +1,12 @@
 // /metrics over HTTP after real messages through the proxy: the counters say what was sent, delivered,
 // deferred and rejected, attempts by downstream and result, timings, logins, reloads and selector
 // restarts; label values come from the config only; each App has its own registry.
-import { startDownstream, type Downstream } from './support/downstream';
+import { deadPort, startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 import net from 'node:net';
-import { sample, scrape, total } from './support/admin';
+import { get, sample, scrape, total } from './support/admin';
 
 /** The subject picks the route: a made-up name, a 451, a 550, a failover, an overrun. */
 const SELECTOR = `
@@ -176,6 +176,45 @@ describe('/metrics counts connections', () => {
     } finally {
       for (const socket of sockets) socket.destroy();
       await proxy.stop();
+    }
+  });
+});
+
+describe('/metrics and the status page read the downstreams\' state', () => {
+  test('a cooling downstream is down and skipped; a quota shows what is left', async () => {
+    const good = await startDownstream();
+    const dead = `127.0.0.1:${await deadPort()}`;
+    const proxy = await startProxy({
+      'order.js': "function select() { return ['dead', 'good']; }",
+      'config.yaml': testConfig({
+        selector: 'order.js',
+        downstreams: [
+          { name: 'dead', addr: dead, cooldown: '1m' },
+          { name: 'good', addr: good.addr, quota: '10/h' },
+        ],
+        ...TEST_LIMITS,
+      }),
+    });
+    try {
+      // The first message finds dead refusing connections (a back-off signal: it cools) and fails over;
+      // the second skips it.
+      for (const subject of ['first', 'second']) expect((await sendWithNodemailer(proxy.port, { subject })).ok).toBe(true);
+      const text = await scrape(proxy.httpPort!);
+      const user = 'test@user.com';
+      expect(sample(text, 'smtpmux_downstream_up', { user, downstream: 'dead' })).toBe(0);
+      expect(sample(text, 'smtpmux_downstream_up', { user, downstream: 'good' })).toBe(1);
+      expect(sample(text, 'smtpmux_delivery_attempts_total', { downstream: 'dead', result: 'temporary' })).toBe(1);
+      expect(sample(text, 'smtpmux_delivery_attempts_total', { downstream: 'dead', result: 'skipped' })).toBe(1);
+      expect(sample(text, 'smtpmux_delivery_attempts_total', { downstream: 'good', result: 'ok' })).toBe(2);
+      expect(sample(text, 'smtpmux_downstream_quota_remaining', { user, downstream: 'good' })).toBe(8);
+      expect(sample(text, 'smtpmux_downstream_quota_remaining', { user, downstream: 'dead' })).toBeUndefined();
+
+      const page = (await get(proxy.httpPort!, '/')).text;
+      expect(page).toMatch(/<b>dead<\/b>[\s\S]*cooling<\/span> <small>for \d+ s<\/small><br><small class="muted">1 failure\(s\) in a row, last E[A-Z]+<\/small>[\s\S]*0 ok · 1 failed · 1 skipped/);
+      expect(page).toMatch(/<b>good<\/b>[\s\S]*2 ok · 0 failed[\s\S]*2 \/ 10/);
+    } finally {
+      await proxy.stop();
+      await good.close();
     }
   });
 });

@@ -11,6 +11,9 @@ export interface DownstreamStatus {
   readonly tls: string;
   readonly up: boolean;
   readonly cooldownUntil?: number;
+  /** Failures in a row since its last success, and the code of the last one (never its reply text). */
+  readonly failures: number;
+  readonly lastErrorCode?: string;
   readonly quota?: { readonly used: number; readonly limit: number };
   readonly recent: RecentSummary;
 }
@@ -70,9 +73,11 @@ function bar(parts: readonly (readonly [number, string])[], title: string): stri
 function downstreamRow(ds: DownstreamStatus, now: number, slowestMs: number): string {
   const { ok, failed, skipped, meanMs } = ds.recent;
   const tried = ok + failed;
-  const state = ds.up
-    ? '<span class="pill up">up</span>'
-    : `<span class="pill down">cooling</span>${ds.cooldownUntil ? ` <small>for ${ago(ds.cooldownUntil - now)}</small>` : ''}`;
+  const failing = ds.failures > 0 ? `<br><small class="muted">${ds.failures} failure(s) in a row${ds.lastErrorCode ? `, last ${escapeHtml(ds.lastErrorCode)}` : ''}</small>` : '';
+  const state =
+    (ds.up
+      ? '<span class="pill up">up</span>'
+      : `<span class="pill down">cooling</span>${ds.cooldownUntil ? ` <small>for ${ago(ds.cooldownUntil - now)}</small>` : ''}`) + failing;
   const attempts =
     tried + skipped === 0
       ? '<small class="muted">no attempts</small>'

@@ -34,6 +34,10 @@ export interface DownstreamState {
   readonly up: boolean;
   /** Until when it cools (ms since the epoch), when it does. */
   readonly cooldownUntil?: number;
+  /** Failures in a row since its last success. */
+  readonly failures?: number;
+  /** The code of its last failure (ECONNECTION, a reply code...): never the reply text, which may name a recipient. */
+  readonly lastErrorCode?: string;
   /** Its quota window, when it has a quota. */
   readonly quota?: { readonly used: number; readonly limit: number };
 }
@@ -132,22 +136,22 @@ export class Metrics {
     };
     new Gauge({
       name: 'smtpmux_downstream_up',
-      help: 'Whether a downstream is being tried: 1 up, 0 cooling down after failures.',
-      labelNames: ['downstream'] as const,
+      help: "Whether a user's downstream is being tried: 1 up, 0 cooling down after failures.",
+      labelNames: ['user', 'downstream'] as const,
       registers: [this.registry],
       async collect() {
         this.reset();
-        for (const ds of await snapshot()) this.set({ downstream: ds.downstream }, ds.up ? 1 : 0);
+        for (const ds of await snapshot()) this.set({ user: ds.user, downstream: ds.downstream }, ds.up ? 1 : 0);
       },
     });
     new Gauge({
       name: 'smtpmux_downstream_quota_remaining',
-      help: "Deliveries left in a downstream's quota window (only downstreams with a quota).",
-      labelNames: ['downstream'] as const,
+      help: "Deliveries (or recipients) left in a user's downstream's quota window (only downstreams with a quota).",
+      labelNames: ['user', 'downstream'] as const,
       registers: [this.registry],
       async collect() {
         this.reset();
-        for (const ds of await snapshot()) if (ds.quota) this.set({ downstream: ds.downstream }, Math.max(0, ds.quota.limit - ds.quota.used));
+        for (const ds of await snapshot()) if (ds.quota) this.set({ user: ds.user, downstream: ds.downstream }, Math.max(0, ds.quota.limit - ds.quota.used));
       },
     });
     new Gauge({
