@@ -130,6 +130,8 @@ function startProxy(dir, sinkPort) {
     `listen: { host: 127.0.0.1, port: 0 }
 allow_insecure_auth: true
 max_message_size: 100MB
+# Every connection of the load comes from 127.0.0.1; the default (20 per address) would refuse some.
+max_connections_per_address: 1000
 users:
   - email: bench@user.com
     password: bench
