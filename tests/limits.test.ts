@@ -1,11 +1,21 @@
 // Connection and transaction limits with real sockets: recipients per message (452 past 100), an idle
 // connection flood capped overall and per client address (421), connections that never log in closed,
 // and a password rotation that ends the sessions logged in with the old password.
+import { connect, isIPv6 } from 'node:net';
 import { startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { swaks } from './support/clients';
 import { connectRaw, plainAuth, type RawSmtp } from './support/raw';
+
+/** A connection as a load balancer makes it: a PROXY v1 header naming the client (IPv4 or IPv6), then SMTP. */
+async function connectViaBalancer(port: number, client: string): Promise<RawSmtp> {
+  const socket = connect({ host: '127.0.0.1', port });
+  await new Promise((r) => socket.once('connect', r));
+  const [family, local] = isIPv6(client) ? ['TCP6', '::1'] : ['TCP4', '127.0.0.1'];
+  socket.write(`PROXY ${family} ${client} ${local} 40000 25\r\n`);
+  return connectRaw(0, 15_000, { socket });
+}
 
 describe('recipients per message', () => {
   let ds: Downstream;
@@ -175,14 +185,7 @@ describe('proxy_protocol', () => {
     await ds?.close();
   });
 
-  /** A connection as a load balancer makes it: a PROXY v1 header naming the client, then SMTP. */
-  const viaBalancer = async (client: string): Promise<RawSmtp> => {
-    const { connect } = await import('node:net');
-    const socket = connect({ host: '127.0.0.1', port: proxy.port });
-    await new Promise((r) => socket.once('connect', r));
-    socket.write(`PROXY TCP4 ${client} 127.0.0.1 40000 25\r\n`);
-    return connectRaw(0, 15_000, { socket });
-  };
+  const viaBalancer = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.port, client);
 
   test('the address in the PROXY header is the client for limits and logs', async () => {
     const first = await viaBalancer('203.0.113.7');
@@ -199,5 +202,61 @@ describe('proxy_protocol', () => {
       for (const s of [first, second, other]) s.close();
     }
     expect(proxy.logs.some((l) => l.msg === 'authentication failed' && l.remote === '203.0.113.7')).toBe(true);
+  });
+});
+
+describe('IPv6 clients count per /64', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    proxy = await startProxy({
+      'config.yaml': testConfig({
+        selector: 'round-robin.js',
+        downstreams: [{ name: 'only', addr: ds.addr }],
+        ...TEST_LIMITS,
+        proxy_protocol: true,
+        max_connections_per_address: 2,
+        login_penalty: { failure_delay_ms: 10, free_failures: 1, lockout_failures: 4 },
+      }),
+    });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  const viaBalancer6 = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.port, client);
+
+  test('addresses of one /64 share the per-address connection limit; another /64 does not', async () => {
+    const opened = [
+      await viaBalancer6('2001:db8:1:2::7'),
+      await viaBalancer6('2001:db8:1:2:ffff::8'),
+      await viaBalancer6('2001:db8:1:2::9'),
+      await viaBalancer6('2001:db8:1:3::7'),
+    ];
+    try {
+      expect(opened.map((c) => c.greeting.code)).toEqual([220, 220, 421, 220]);
+      expect(opened[2].greeting.text).toMatch(/^421 4\.7\.0 Too many connections from your address/);
+    } finally {
+      for (const c of opened) c.close();
+    }
+  });
+
+  test('failed logins from addresses of one /64 add up to one lockout; another /64 is unaffected', async () => {
+    const first = await viaBalancer6('2001:db8:9:9::a');
+    const second = await viaBalancer6('2001:db8:9:9::b');
+    const elsewhere = await viaBalancer6('2001:db8:9:a::a');
+    const wrong = `AUTH PLAIN ${plainAuth('test@user.com', 'wrong')}`;
+    try {
+      for (const c of [first, second, elsewhere]) await c.command('EHLO client.example');
+      for (const c of [first, first, second, second]) expect((await c.command(wrong)).code).toBe(535);
+      // The fifth failure of the /64 (the second connection's third): locked out, not "too many on this connection".
+      expect((await second.command(wrong)).text).toMatch(/^454 4\.7\.0/);
+      expect((await elsewhere.command(wrong)).code).toBe(535);
+    } finally {
+      for (const c of [first, second, elsewhere]) c.close();
+    }
   });
 });

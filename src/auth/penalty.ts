@@ -1,7 +1,8 @@
 // Login penalties across connections, per client address and per login (Dovecot's auth_penalty,
 // Postfix's anvil): after a few failures each further attempt waits exponentially longer, success and
 // failure alike, and past a limit an address is refused outright until its failures expire. Counters
-// live behind the StateStore, so several instances share them once the store is shared.
+// live behind the StateStore, so several instances share them once the store is shared. "Address" here
+// is the client network the caller passes in (src/smtp/client-network.ts: an IPv4 address or an IPv6 /64).
 import { createHash } from 'node:crypto';
 import type { StateStore } from '../state/store';
 

@@ -1,9 +1,11 @@
 // The connections of every inbound listener (STARTTLS and implicit TLS share it): how many are open
 // overall and per client address, how long one may stay without logging in, and who each one logged in
-// as, so that a reload which changes or removes a user ends that user's sessions.
+// as, so that a reload which changes or removes a user ends that user's sessions. "Per address" means
+// per client network (an IPv4 address or an IPv6 /64, see client-network.ts).
 import type { SMTPServerSession } from 'smtp-server';
 import type { SMTPConnection } from 'smtp-server/lib/smtp-connection';
 import { SmtpMuxError, type ErrorCode } from '../errors';
+import { clientNetwork } from './client-network';
 
 export interface Login {
   /** The configured email (lower case), never the string the client typed. */
@@ -13,7 +15,8 @@ export interface Login {
 }
 
 interface Tracked {
-  readonly address: string;
+  /** The client network it counts against (clientNetwork of the remote address). */
+  readonly network: string;
   readonly connection: SMTPConnection;
   readonly authTimer?: NodeJS.Timeout;
   login?: Login;
@@ -33,9 +36,9 @@ export class ConnectionGuard {
     return this.sessions.size;
   }
 
-  /** How many connections are open from this address. */
+  /** How many connections are open from this address's client network. */
   from(address: string): number {
-    return this.perAddress.get(address) ?? 0;
+    return this.perAddress.get(clientNetwork(address)) ?? 0;
   }
 
   /**
@@ -43,18 +46,18 @@ export class ConnectionGuard {
    * has not logged in `authTimeoutMs` later is closed with 421.
    */
   admit(session: SMTPServerSession, connection: SMTPConnection, limits: { maxConnections: number; maxPerAddress: number; authTimeoutMs: number }): Admission {
-    const address = session.remoteAddress;
+    const network = clientNetwork(session.remoteAddress);
     if (this.sessions.size >= limits.maxConnections) return { ok: false, code: 'SMTPMUX_TOO_MANY_CONNECTIONS' };
-    if (this.from(address) >= limits.maxPerAddress) return { ok: false, code: 'SMTPMUX_TOO_MANY_CONNECTIONS_FROM_ADDRESS' };
+    if ((this.perAddress.get(network) ?? 0) >= limits.maxPerAddress) return { ok: false, code: 'SMTPMUX_TOO_MANY_CONNECTIONS_FROM_ADDRESS' };
     const authTimer = setTimeout(() => {
       const tracked = this.sessions.get(session.id);
       if (!tracked || tracked.login) return;
       connection.send(421, new SmtpMuxError('SMTPMUX_AUTH_TIMEOUT').message);
-      this.onAuthTimeout(address);
+      this.onAuthTimeout(session.remoteAddress);
     }, limits.authTimeoutMs);
     authTimer.unref();
-    this.sessions.set(session.id, { address, connection, authTimer, failedLogins: 0 });
-    this.perAddress.set(address, this.from(address) + 1);
+    this.sessions.set(session.id, { network, connection, authTimer, failedLogins: 0 });
+    this.perAddress.set(network, (this.perAddress.get(network) ?? 0) + 1);
     return { ok: true };
   }
 
@@ -81,9 +84,9 @@ export class ConnectionGuard {
     if (!tracked) return;
     clearTimeout(tracked.authTimer);
     this.sessions.delete(session.id);
-    const left = this.from(tracked.address) - 1;
-    if (left > 0) this.perAddress.set(tracked.address, left);
-    else this.perAddress.delete(tracked.address);
+    const left = (this.perAddress.get(tracked.network) ?? 0) - 1;
+    if (left > 0) this.perAddress.set(tracked.network, left);
+    else this.perAddress.delete(tracked.network);
   }
 
   /**

@@ -15,6 +15,7 @@ import type { Metrics } from '../observe/metrics';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
 import type { StateStore } from '../state/store';
+import { clientNetwork } from './client-network';
 import { ConnectionGuard } from './guard';
 import { FastDataSMTPServer } from './fast-data';
 
@@ -114,7 +115,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
         logger.warn({ remote: session.remoteAddress, open: guard.size, fromAddress: guard.from(session.remoteAddress), code: admitted.code }, 'connection refused');
         return refuse(admitted.code, session, 'connection_refused', callback);
       }
-      penalties.lockedOut(session.remoteAddress).then(
+      penalties.lockedOut(clientNetwork(session.remoteAddress)).then(
         (locked) => {
           if (!locked) return callback();
           logger.warn({ remote: session.remoteAddress }, 'connection refused: too many failed logins from this address');
@@ -249,7 +250,9 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
       deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_INSECURE', remote });
       throw new SmtpMuxError('SMTPMUX_AUTH_INSECURE');
     }
-    const attempt = await penalties.begin(remote, username);
+    // Penalties count per client network (an IPv6 /64), as the connection limits do.
+    const network = clientNetwork(remote);
+    const attempt = await penalties.begin(network, username);
     if (attempt.kind === 'locked') {
       logger.warn({ remote, method }, 'login refused: too many failed logins from this address');
       deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_LOCKED', remote });
@@ -257,7 +260,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     }
     const user = await runtime.authenticate(username, password);
     if (user) {
-      await penalties.succeeded(remote);
+      await penalties.succeeded(network);
       await sleepUntil(started + attempt.waitMs);
       guard.loggedIn(session, { user: user.email.toLowerCase(), passwordId: user.password.id });
       deps.events?.emit('auth_success', { remote });
