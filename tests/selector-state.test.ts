@@ -169,6 +169,16 @@ describe('ctx.state bounds on the host side', () => {
     expect(await mine.call('drop', 'k1', undefined, undefined)).toMatchObject({ ok: false });
   });
 
+  test('a login with a colon in it cannot reach the keys of another user', async () => {
+    const store = new MemoryStateStore();
+    const short = new SelectorState(store, 'app@example.com');
+    const longer = new SelectorState(store, 'app@example.com:x');
+    expect(await short.call('set', 'x:secret', '"mine"', undefined)).toEqual({ ok: true });
+    expect(await longer.call('get', 'secret', undefined, undefined)).toEqual({ ok: true });
+    expect(await longer.call('set', 'secret', '"theirs"', undefined)).toEqual({ ok: true });
+    expect(await short.call('get', 'x:secret', undefined, undefined)).toEqual({ ok: true, json: '"mine"' });
+  });
+
   test('an expired key frees its place in the scope', async () => {
     let now = 1000;
     const store = new MemoryStateStore(() => now);

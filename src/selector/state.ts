@@ -17,7 +17,9 @@ export class SelectorState {
     private readonly store: StateStore,
     user: string,
   ) {
-    const name = `sel:${user.toLowerCase()}`;
+    // A login may contain ':' (the config only asks for a non-empty string): escaped, so that
+    // "a@x:b" and key "c" can never be "a@x" and key "b:c". Logins without ':' or '%' are unchanged.
+    const name = `sel:${user.toLowerCase().replaceAll('%', '%25').replaceAll(':', '%3A')}`;
     this.prefix = `${name}:`;
     this.scope = { name, maxKeys: STATE_KEYS_PER_USER };
   }
