@@ -162,6 +162,11 @@ function probeHost(host: string): string {
   return ['0.0.0.0', '::', '127.0.0.1', 'localhost'].includes(host) ? '127.0.0.1' : host;
 }
 
+/** Whether the server waits for a PROXY header from a probe that connects to `host` from that same address. */
+function expectsProxyHeader(proxyProtocol: boolean | readonly string[], host: string): boolean {
+  return typeof proxyProtocol === 'boolean' ? proxyProtocol : proxyProtocol.includes(host);
+}
+
 /**
  * Exit 0 when the proxy is ready: GET /readyz on its admin listener (200), or, with `http: false`,
  * a 220 greeting on its SMTP port. SMTPMUX_HTTP_PORT (or SMTPMUX_PORT without the admin listener)
@@ -177,7 +182,7 @@ async function health(config: string): Promise<number> {
       const loaded = await loadConfig(config);
       target = loaded.http
         ? { kind: 'http', host: probeHost(loaded.http.host), port: loaded.http.port }
-        : { kind: 'smtp', host: probeHost(loaded.listen.host), port: loaded.listen.port, proxyProtocol: loaded.proxyProtocol };
+        : { kind: 'smtp', host: probeHost(loaded.listen.host), port: loaded.listen.port, proxyProtocol: expectsProxyHeader(loaded.proxyProtocol, probeHost(loaded.listen.host)) };
     } catch (err) {
       // Without a readable config, SMTPMUX_PORT alone still allows the SMTP check.
       const port = Number(process.env.SMTPMUX_PORT || 0);

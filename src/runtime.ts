@@ -303,7 +303,7 @@ function describeChanges(previous: Runtime | undefined, next: Runtime, compiled:
     const [t, u] = [previous.config.tls, next.config.tls];
     if (!t !== !u) needsRestart.push(u ? 'tls (STARTTLS is offered only after a restart)' : 'tls (removing it takes a restart; the certificate keeps serving until then)');
     if (JSON.stringify(t?.implicit) !== JSON.stringify(u?.implicit)) needsRestart.push('tls.implicit (the implicit-TLS listener)');
-    if (previous.config.proxyProtocol !== next.config.proxyProtocol) needsRestart.push('proxy_protocol');
+    if (JSON.stringify(previous.config.proxyProtocol) !== JSON.stringify(next.config.proxyProtocol)) needsRestart.push('proxy_protocol');
   }
   return {
     usersAdded: [...after.keys()].filter((k) => !before.has(k)),

@@ -9,8 +9,8 @@ import { swaks } from './support/clients';
 import { connectRaw, plainAuth, type RawSmtp } from './support/raw';
 
 /** A connection as a load balancer makes it: a PROXY v1 header naming the client (IPv4 or IPv6), then SMTP. */
-async function connectViaBalancer(port: number, client: string): Promise<RawSmtp> {
-  const socket = connect({ host: '127.0.0.1', port });
+async function connectViaBalancer(port: number, client: string, balancer = '127.0.0.1'): Promise<RawSmtp> {
+  const socket = connect({ host: '127.0.0.1', port, localAddress: balancer });
   await new Promise((r) => socket.once('connect', r));
   const [family, local] = isIPv6(client) ? ['TCP6', '::1'] : ['TCP4', '127.0.0.1'];
   socket.write(`PROXY ${family} ${client} ${local} 40000 25\r\n`);
@@ -163,10 +163,13 @@ describe('sessions end with their password', () => {
   });
 });
 
-describe('proxy_protocol', () => {
-  let ds: Downstream;
-  let proxy: RunningProxy;
-
+/**
+ * A proxy with one downstream and these config keys (failed logins answered after 10 ms), started
+ * before the tests of the describe that calls this and stopped after them.
+ */
+function proxyBehindBalancer(extra: Record<string, unknown>): { get(): RunningProxy } {
+  let ds: Downstream | undefined;
+  let proxy: RunningProxy | undefined;
   beforeAll(async () => {
     ds = await startDownstream();
     proxy = await startProxy({
@@ -174,9 +177,8 @@ describe('proxy_protocol', () => {
         selector: 'round-robin.js',
         downstreams: [{ name: 'only', addr: ds.addr }],
         ...TEST_LIMITS,
-        proxy_protocol: true,
-        max_connections_per_address: 1,
         login_penalty: { failure_delay_ms: 10 },
+        ...extra,
       }),
     });
   });
@@ -184,8 +186,13 @@ describe('proxy_protocol', () => {
     await proxy?.stop();
     await ds?.close();
   });
+  return { get: () => proxy as RunningProxy };
+}
 
-  const viaBalancer = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.port, client);
+describe('proxy_protocol', () => {
+  const proxy = proxyBehindBalancer({ proxy_protocol: true, max_connections_per_address: 1 });
+
+  const viaBalancer = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.get().port, client);
 
   test('the address in the PROXY header is the client for limits and logs', async () => {
     const first = await viaBalancer('203.0.113.7');
@@ -201,33 +208,14 @@ describe('proxy_protocol', () => {
     } finally {
       for (const s of [first, second, other]) s.close();
     }
-    expect(proxy.logs.some((l) => l.msg === 'authentication failed' && l.remote === '203.0.113.7')).toBe(true);
+    expect(proxy.get().logs.some((l) => l.msg === 'authentication failed' && l.remote === '203.0.113.7')).toBe(true);
   });
 });
 
 describe('IPv6 clients count per /64', () => {
-  let ds: Downstream;
-  let proxy: RunningProxy;
+  const proxy = proxyBehindBalancer({ proxy_protocol: true, max_connections_per_address: 2, login_penalty: { failure_delay_ms: 10, free_failures: 1, lockout_failures: 4 } });
 
-  beforeAll(async () => {
-    ds = await startDownstream();
-    proxy = await startProxy({
-      'config.yaml': testConfig({
-        selector: 'round-robin.js',
-        downstreams: [{ name: 'only', addr: ds.addr }],
-        ...TEST_LIMITS,
-        proxy_protocol: true,
-        max_connections_per_address: 2,
-        login_penalty: { failure_delay_ms: 10, free_failures: 1, lockout_failures: 4 },
-      }),
-    });
-  });
-  afterAll(async () => {
-    await proxy?.stop();
-    await ds?.close();
-  });
-
-  const viaBalancer6 = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.port, client);
+  const viaBalancer6 = (client: string): Promise<RawSmtp> => connectViaBalancer(proxy.get().port, client);
 
   test('addresses of one /64 share the per-address connection limit; another /64 does not', async () => {
     const opened = [
@@ -258,5 +246,30 @@ describe('IPv6 clients count per /64', () => {
     } finally {
       for (const c of [first, second, elsewhere]) c.close();
     }
+  });
+});
+
+describe('proxy_protocol as a list of balancers', () => {
+  const proxy = proxyBehindBalancer({ proxy_protocol: ['127.0.0.2'] });
+
+  test('a PROXY header is read from a listed balancer only; anyone else is a client and cannot claim an address', async () => {
+    const balanced = await connectViaBalancer(proxy.get().port, '198.51.100.20', '127.0.0.2');
+    const direct = await connectRaw(proxy.get().port);
+    const wrong = `AUTH PLAIN ${plainAuth('test@user.com', 'wrong')}`;
+    try {
+      expect(balanced.greeting.code).toBe(220);
+      expect(direct.greeting.code).toBe(220);
+      // From an unlisted peer the header is just an unknown command, and the address stays its own.
+      expect((await direct.command('PROXY TCP4 203.0.113.50 127.0.0.1 40000 25')).code).toBeGreaterThanOrEqual(500);
+      for (const c of [balanced, direct]) {
+        await c.command('EHLO client.example');
+        expect((await c.command(wrong)).code).toBe(535);
+      }
+    } finally {
+      balanced.close();
+      direct.close();
+    }
+    const remotes = proxy.get().logs.filter((l) => l.msg === 'authentication failed').map((l) => l.remote);
+    expect(remotes.sort()).toEqual(['127.0.0.1', '198.51.100.20']);
   });
 });

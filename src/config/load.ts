@@ -70,7 +70,8 @@ export interface Config {
   readonly state: StateConfig;
   /** Inbound TLS: STARTTLS on the listener, and an implicit-TLS listener when `implicit` is set. */
   readonly tls?: TlsConfig;
-  readonly proxyProtocol: boolean;
+  /** true: every peer sends a PROXY header; a list: only these balancer addresses do. */
+  readonly proxyProtocol: boolean | readonly string[];
   readonly maxConnections: number;
   readonly maxConnectionsPerAddress: number;
   /** A connection not logged in by then is closed. */

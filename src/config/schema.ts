@@ -1,5 +1,6 @@
 // The config file's schema: one zod schema that is both the validation and the TypeScript type.
 // Keys of the Go original (selector_algo_path, addr, user, pass) are accepted as they were.
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1024, m: 1024 ** 2, mb: 1024 ** 2, g: 1024 ** 3, gb: 1024 ** 3 };
@@ -166,7 +167,10 @@ export const configSchema = z
         }
       })
       .optional(),
-    proxy_protocol: z.boolean().default(false),
+    // true: a PROXY header from every peer; a list: only from these balancer addresses (others speak SMTP directly).
+    proxy_protocol: z
+      .union([z.boolean(), z.array(z.string().refine((a) => isIP(a) !== 0, 'must be an IP address (a load balancer that sends PROXY headers)')).min(1)])
+      .default(false),
     max_connections: z.number().int().min(1).max(100_000).default(200),
     max_connections_per_address: z.number().int().min(1).max(100_000).default(20),
     auth_timeout_ms: z.number().int().min(100).max(3_600_000).default(30_000),

@@ -97,7 +97,8 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     // Without our own certificate smtp-server would offer STARTTLS with its built-in one: never.
     ...(tls ? { ...tlsOptions(tls.material), hideSTARTTLS: false } : { hideSTARTTLS: true, disabledCommands: ['STARTTLS'] }),
     secure: Boolean(listener.implicitTls && tls),
-    useProxy: initial.config.proxyProtocol,
+    // true: every peer; a list: PROXY headers are read from these balancers only, the rest are clients.
+    useProxy: typeof initial.config.proxyProtocol === 'boolean' ? initial.config.proxyProtocol : [...initial.config.proxyProtocol],
     hideENHANCEDSTATUSCODES: false,
     disableReverseLookup: true,
     logger: false,
