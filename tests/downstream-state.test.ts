@@ -233,3 +233,21 @@ test('smtpmux try shows the downstreams it skipped and why', async () => {
   expect(result.stdout).toMatch(/message 1:[\s\S]*tried a: ECONNECTION[\s\S]*a cools down until/);
   expect(result.stdout).toMatch(/message 3:[\s\S]*skipped a: cooling down until \S+[\s\S]*tried b: accepted/);
 });
+
+test('a script that sends to its only downstream while it cools is refused at once, then probes it once a base cooldown has passed', async () => {
+  let failing = true;
+  const flaky = await downstream(() => (failing ? THROTTLED : undefined));
+  const p = await proxy(config([{ name: 'flaky', addr: flaky.addr, cooldown: '800ms', cooldown_max: '1m' }], 'waterfall.js'));
+  expect(await sendWithNodemailer(p.port, { subject: 'fails' })).toMatchObject({ ok: false, code: 451 });
+  await sleep(900);
+  expect(await sendWithNodemailer(p.port, { subject: 'fails again' })).toMatchObject({ ok: false, code: 451 }); // cools 1.6 s now
+  // Just contacted: waterfall.js sends to the one that recovers first, and the host refuses it at once.
+  expect(await sendWithNodemailer(p.port, { subject: 'refused' })).toMatchObject({ ok: false, code: 451 });
+  expect(outcomes(p)[2].attempts).toEqual([expect.objectContaining({ downstream: 'flaky', skipped: 'cooling', code: 'SMTPMUX_DOWNSTREAM_COOLING' })]);
+  failing = false;
+  await sleep(900);
+  // Still cooling, but a base cooldown since the last contact: the script's send() is let through as a probe.
+  expect(await sendWithNodemailer(p.port, { subject: 'probe' })).toMatchObject({ ok: true, code: 250 });
+  expect(outcomes(p)[3].attempts).toEqual([expect.objectContaining({ downstream: 'flaky', ok: true, probe: true })]);
+  expect(flaky.offered()).toBe(3);
+});
