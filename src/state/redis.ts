@@ -353,7 +353,7 @@ export class RedisStateStore implements StateStore {
     this.client.destroy();
   }
 
-  /** The Redis key: prefix, kind, and the caller's key in braces (one Redis Cluster slot per limit). */
+  /** The Redis key: prefix, kind, and the caller's key in braces (a hash tag: the keys of one quota hash together). */
   private key(kind: string, key: string): string {
     return `${this.options.prefix}${kind}:{${key}}`;
   }
