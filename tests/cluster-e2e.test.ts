@@ -9,7 +9,7 @@ import path from 'node:path';
 import { envWithout, startServe, type ServeProcess } from './support/cli';
 import { sendWithNodemailer } from './support/clients';
 import { testConfig, TEST_LIMITS } from './support/config';
-import { startDownstream, type Downstream } from './support/downstream';
+import { startDownstream, type Downstream, type FailMode } from './support/downstream';
 import { freePort, startRedis, type RedisServer } from './support/redis';
 
 let dir: string;
@@ -183,32 +183,114 @@ test('behind HAProxy with PROXY protocol, both instances see the client address 
   }
 });
 
+/** One message through an instance. */
+const sent = (p: ServeProcess, subject: string) => sendWithNodemailer(p.port, { subject });
+
+interface Setup {
+  readonly a: ServeProcess;
+  readonly b: ServeProcess;
+  /** The test downstreams, by name. */
+  readonly ds: Record<string, Downstream>;
+  close(): Promise<void>;
+}
+
+/**
+ * Test downstreams (each spec: its name, how it fails, and its config keys such as quota or cooldown)
+ * behind two instances of one config whose state is on the test's Redis under its own prefix.
+ */
+async function setUp(name: string, selector: string, specs: { name: string; fail?: FailMode; [key: string]: unknown }[], state: Record<string, unknown> = {}): Promise<Setup> {
+  const ds: Record<string, Downstream> = {};
+  for (const spec of specs) ds[spec.name] = await startDownstream(spec.fail ? { fail: spec.fail } : {});
+  const config = testConfig({
+    selector,
+    downstreams: specs.map(({ fail: _fail, ...keys }) => ({ ...keys, addr: ds[keys.name].addr })),
+    ...TEST_LIMITS,
+    state: { redis: redis.url, prefix: `e2e-${name}:`, ...state },
+  });
+  const [a, b] = await startInstances(name, config);
+  return {
+    a,
+    b,
+    ds,
+    async close() {
+      await stopAll([a, b]);
+      for (const d of Object.values(ds)) await d.close();
+    },
+  };
+}
+
 test('ctx.state.incr is one rotation across both instances: round-robin.js alternates whichever instance takes the message', async () => {
-  const first = await startDownstream();
-  const second = await startDownstream();
+  const { a, b, ds, close } = await setUp('rotation', 'round-robin.js', [{ name: 'first' }, { name: 'second' }]);
   try {
-    const config = testConfig({
-      selector: 'round-robin.js',
-      downstreams: [
-        { name: 'first', addr: first.addr },
-        { name: 'second', addr: second.addr },
-      ],
-      ...TEST_LIMITS,
-      state: { redis: redis.url, prefix: 'e2e-rotation:' },
-    });
-    const [a, b] = await startInstances('rotation', config);
     const order: string[] = [];
     for (let i = 0; i < 6; i++) {
       // A, B, A, B...: per-instance counters would give first, first, second, second...
-      const before = first.received.length;
-      expect((await sendWithNodemailer((i % 2 ? b : a).port, { subject: `turn ${i}` })).ok).toBe(true);
-      order.push(first.received.length > before ? 'first' : 'second');
+      const before = ds.first.received.length;
+      expect((await sent(i % 2 ? b : a, `turn ${i}`)).ok).toBe(true);
+      order.push(ds.first.received.length > before ? 'first' : 'second');
     }
     expect(order).toEqual(['first', 'second', 'first', 'second', 'first', 'second']);
     expect(await redis.cli('GET', 'e2e-rotation:value:{sel:test@user.com:round-robin}')).toBe('6');
-    await stopAll([a, b]);
   } finally {
-    await first.close();
-    await second.close();
+    await close();
+  }
+});
+
+test('two instances share a quota of 5 exactly: 10 messages over both, 5 to the limited downstream, 5 elsewhere', async () => {
+  const { a, b, ds, close } = await setUp('quota', 'waterfall.js', [{ name: 'limited', quota: '5/1h' }, { name: 'other' }]);
+  try {
+    // Five at once on each instance: the reservations race on Redis.
+    const results = await Promise.all(Array.from({ length: 10 }, (_, i) => sent(i % 2 ? b : a, `quota ${i}`)));
+    expect(results.map((r) => r.ok)).toEqual(Array(10).fill(true));
+    expect(ds.limited.received).toHaveLength(5);
+    expect(ds.other.received).toHaveLength(5);
+  } finally {
+    await close();
+  }
+});
+
+test('a cooldown observed by one instance is honoured by the other: the failing downstream is contacted once', async () => {
+  const { a, b, ds, close } = await setUp('cooldown', 'waterfall.js', [
+    { name: 'flaky', cooldown: '60s', fail: { kind: 'reply', code: 421, message: '4.7.0 Try again later' } },
+    { name: 'backup' },
+  ]);
+  try {
+    expect((await sent(a, 'first')).ok).toBe(true);
+    const contacted = ds.flaky.connections();
+    expect(contacted).toBeGreaterThan(0);
+    expect(ds.backup.received).toHaveLength(1);
+    // The other instance never talked to flaky: only the shared cooldown can tell it to skip it.
+    for (let i = 0; i < 3; i++) expect((await sent(b, `second ${i}`)).ok).toBe(true);
+    expect(ds.flaky.connections()).toBe(contacted);
+    expect(ds.backup.received).toHaveLength(4);
+    // waterfall.js reads each downstream's state and leaves a cooling one out: B never even tried it.
+    await b.waitFor(/"message delivered"(?:[^]*"message delivered"){2}/);
+    expect(b.stdout()).not.toContain('"downstream":"flaky"');
+  } finally {
+    await close();
+  }
+});
+
+test('Redis killed: the quota goes per instance (each counting what it sent); restarted: the instances write back and the quota is shared again', async () => {
+  const { a, b, ds, close } = await setUp('degrade', 'waterfall.js', [{ name: 'limited', quota: '2/1h' }, { name: 'other' }], { timeout_ms: 200 });
+  const counts = (): number[] => [ds.limited.received.length, ds.other.received.length];
+  try {
+    // Shared: one each, then the quota is full for both.
+    for (const [p, s] of [[a, 'a1'], [b, 'b1'], [a, 'a2']] as const) expect((await sent(p, s)).ok).toBe(true);
+    expect(counts()).toEqual([2, 1]);
+
+    await redis.kill();
+    for (const p of [a, b]) await p.waitFor(/Redis is unreachable/);
+    // Per instance: each remembers the one it sent, so each allows one more of its quota of 2.
+    for (const [p, s] of [[a, 'a3'], [a, 'a4'], [b, 'b2'], [b, 'b3']] as const) expect((await sent(p, s)).ok).toBe(true);
+    expect(counts()).toEqual([4, 3]);
+
+    await redis.start(); // empty: nothing was saved
+    for (const p of [a, b]) await p.waitFor(/Redis is back; limits are shared again/, 15_000);
+    // The outage's two deliveries were written back: the shared quota of 2 is full again.
+    for (const [p, s] of [[a, 'a5'], [b, 'b4']] as const) expect((await sent(p, s)).ok).toBe(true);
+    expect(counts()).toEqual([4, 5]);
+  } finally {
+    await close();
   }
 });
