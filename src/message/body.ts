@@ -54,7 +54,14 @@ export class MessageBody {
     /** Bytes this body holds of `budget`, given back by dispose(). */
     private reserved: number,
     private readonly budget: BodyMemory | undefined,
+    /** False for a file someone else keeps (the spool's): dispose() leaves it. */
+    private readonly ownsFile = true,
   ) {}
+
+  /** A body already stored in a file that outlives it (a spooled message): replayed, never removed. */
+  static fromFile(file: string, size: number, headerBlock: string): MessageBody {
+    return new MessageBody(size, headerBlock, undefined, file, 0, undefined, false);
+  }
 
   /**
    * Reads a DATA stream to its end. Bytes beyond `maxSize` are counted but not stored: the caller
@@ -199,11 +206,11 @@ export class MessageBody {
     return this.file !== undefined;
   }
 
-  /** Gives back its share of the memory budget and removes the temp file, if any. Safe to call more than once. */
+  /** Gives back its share of the memory budget and removes the temp file, if any (never a file from fromFile). Safe to call more than once. */
   async dispose(): Promise<void> {
     this.budget?.give(this.reserved);
     this.reserved = 0;
-    if (this.file) await fs.rm(path.dirname(this.file), { recursive: true, force: true });
+    if (this.file && this.ownsFile) await fs.rm(path.dirname(this.file), { recursive: true, force: true });
   }
 }
 
