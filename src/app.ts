@@ -17,6 +17,7 @@ import { Metrics, type DownstreamState } from './observe/metrics';
 import { Runtime, RuntimeBuildError, type RuntimeHooks } from './runtime';
 import { ConnectionGuard } from './smtp/guard';
 import { createInboundServer, tlsOptions, type InboundDeps } from './smtp/server';
+import { Spool } from './spool/spool';
 import { createStateStore } from './state/create';
 import type { StateStore } from './state/store';
 
@@ -93,6 +94,8 @@ export class App {
   private admin: AdminServer | undefined;
   private lastReload: ReloadStatus | undefined;
   private readonly startedAt = Date.now();
+  /** The durable spool, opened when a config first asks for one (`spool:` or a user's `queue:`). */
+  private spoolPart: Spool | undefined;
 
   private constructor(
     private readonly options: AppOptions,
@@ -123,6 +126,7 @@ export class App {
       state,
       guard: this.guard,
       events: this.events,
+      spool: () => this.spoolPart,
     };
     this.server = createInboundServer(deps, current);
     this.implicitServer = current.config.tls?.implicit ? createInboundServer(deps, current, { implicitTls: true }) : undefined;
@@ -152,6 +156,8 @@ export class App {
           this.current.retire();
         },
       },
+      // Opened and recovered before the listener accepts anyone, so a crash's leftovers are settled first.
+      { name: 'spool', start: () => this.followSpool(this.current), close: () => this.spoolPart?.close(this.options.shutdownGraceMs ?? 30_000) },
     ];
     const http = this.current.config.http;
     if (http) parts.push({ name: 'http', start: () => this.startAdmin(http), close: () => this.admin?.close() });
@@ -218,6 +224,11 @@ export class App {
   private warnIfInsecure(config: Config): void {
     const warning = insecureListenerWarning(config);
     if (warning) this.logger.error({ config: config.file }, warning);
+  }
+
+  /** The durable spool, if a config asked for one (for metrics and tests). */
+  get spool(): Spool | undefined {
+    return this.spoolPart;
   }
 
   get port(): number {
@@ -353,6 +364,7 @@ export class App {
       }
       this.live.add(runtime);
       previous.retire();
+      await this.followSpool(runtime, true);
       this.forgetIdle();
       // Sessions that logged in as a user who is gone or whose password changed end now.
       const ended = this.guard.endStale((login) => runtime.user(login.user)?.password.id === login.passwordId);
@@ -438,6 +450,26 @@ export class App {
       return true;
     } finally {
       clearTimeout(timer);
+    }
+  }
+
+  /**
+   * Opens the spool the config asks for, once: at start (a failure stops the start) or at the first
+   * reload that asks for one (a failure is logged). Moving it to another folder needs a restart.
+   */
+  private async followSpool(runtime: Runtime, reloading = false): Promise<void> {
+    const wanted = runtime.config.spool;
+    if (!wanted) return;
+    if (this.spoolPart) {
+      if (this.spoolPart.config.dir !== wanted.dir) this.logger.warn({ dir: this.spoolPart.config.dir, configured: wanted.dir }, 'spool.dir changes only after a restart');
+      return;
+    }
+    try {
+      this.spoolPart = await Spool.open(wanted, { current: () => this.current, logger: this.logger, metrics: this.metrics, closing: () => this.closing });
+      this.spoolPart.start();
+    } catch (err) {
+      if (!reloading) throw err;
+      this.logger.error({ dir: wanted.dir, err: (err as Error).message }, 'the spool could not be opened; messages are not queued');
     }
   }
 

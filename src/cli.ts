@@ -39,11 +39,12 @@ Commands:
   health    exit 0 when the proxy is ready: GET /readyz on its admin port (for container health checks)
   hash-password          read a password from stdin (no echo on a terminal), print its argon2id hash
   tls selfsigned DIR     write a self-signed certificate and key for a test setup into DIR
+  queue     list, show, retry or drop spooled messages (also while serve runs)
 
 Options:
   -c, --config PATH   config file (default: $SMTPMUX_CONFIG or config/config.yaml)
   -h, --help          show this help
-Run "smtpmux try --help" for the options of try.`;
+Run "smtpmux try --help" for the options of try, "smtpmux queue --help" for queue.`;
 
 async function main(): Promise<number> {
   const argv = process.argv.slice(2);
@@ -55,6 +56,9 @@ async function main(): Promise<number> {
     } else if (command === 'tls') {
       const { TLS_USAGE } = await import('./cli/tls');
       console.log(TLS_USAGE);
+    } else if (command === 'queue') {
+      const { QUEUE_USAGE } = await import('./cli/queue');
+      console.log(QUEUE_USAGE);
     } else console.log(USAGE);
     return 0;
   }
@@ -80,6 +84,10 @@ async function main(): Promise<number> {
     case 'try': {
       const { runTry } = await import('./try');
       return runTry(argv);
+    }
+    case 'queue': {
+      const { runQueue } = await import('./cli/queue');
+      return runQueue(argv);
     }
     default:
       console.error(`smtpmux: unknown command "${command}"\n\n${USAGE}`);

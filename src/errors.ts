@@ -32,6 +32,8 @@ export const CATALOGUE = {
   SMTPMUX_DOWNSTREAMS_LIMITED: { reply: 451, enhanced: '4.4.1', text: 'Every downstream server is cooling down after failures or at its rate or quota limit; please try again later' },
   SMTPMUX_DOWNSTREAM_REJECTED: { reply: 554, enhanced: '5.0.0', text: 'Every downstream server refused the message permanently' },
   SMTPMUX_USER_GONE: { reply: 451, enhanced: '4.7.0', text: 'Your login is no longer configured; reconnect and log in again' },
+  SMTPMUX_SPOOL_FULL: { reply: 452, enhanced: '4.3.1', text: 'The mail queue is full; the message was not accepted, please try again later' },
+  SMTPMUX_SPOOL_FAILED: { reply: 451, enhanced: '4.3.0', text: 'No downstream accepted the message and it could not be queued; please try again later' },
   SMTPMUX_SHUTTING_DOWN: { reply: 421, enhanced: '4.3.2', text: 'SMTP Mux is shutting down; please try again later' },
 } as const satisfies Record<string, CatalogueEntry>;
 

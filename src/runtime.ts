@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { storedPassword, type StoredPassword } from './auth/password';
-import { ConfigError, type Config, type UserConfig } from './config/load';
+import { ConfigError, type Config, type QueueConfig, type UserConfig } from './config/load';
 import { DownstreamPool, poolKey, type PoolSettings } from './delivery/pool';
 import type { DeliveryTarget } from './delivery/delivery';
 import { DownstreamGate, stateKey } from './downstreams/gate';
@@ -34,6 +34,8 @@ export interface UserRuntime {
   readonly targets: ReadonlyMap<string, UserTarget>;
   /** The stored password; its `id` changes when the password does (sessions compare it to end with it). */
   readonly password: StoredPassword;
+  /** Store and forward settings; absent: answer 451 when no downstream accepted. */
+  readonly queue?: QueueConfig;
 }
 
 export interface RuntimeChanges {
@@ -199,6 +201,7 @@ export class Runtime {
           views: () => Promise.all(entries.map(async (e): Promise<DownstreamView> => ({ ...e.view, ...(await e.gate.view()) }))),
           targets,
           password: storedPassword(user.password),
+          queue: user.queue,
         });
       }
     }

@@ -50,6 +50,22 @@ export interface UserConfig {
   /** Absolute path of the selector script that name resolved to. */
   readonly selectorPath: string;
   readonly downstreams: readonly DownstreamConfig[];
+  /** Store and forward: absent = answer 451 when no downstream accepted (milliseconds). */
+  readonly queue?: QueueConfig;
+}
+
+export interface QueueConfig {
+  readonly maxAgeMs: number;
+  readonly firstRetryMs: number;
+  readonly maxRetryMs: number;
+}
+
+export interface SpoolConfig {
+  /** Absolute: a relative `spool.dir` is resolved against the config file's folder. */
+  readonly dir: string;
+  readonly maxSize: number;
+  readonly pollIntervalMs: number;
+  readonly concurrency: number;
 }
 
 export interface StateConfig {
@@ -83,6 +99,8 @@ export interface Config {
   readonly plaintextPasswords: readonly string[];
   /** The admin HTTP listener; null when `http: false`. */
   readonly http: HttpConfig | null;
+  /** The durable spool; absent unless the config has a `spool` section or a user has `queue`. */
+  readonly spool?: SpoolConfig;
   /** Notes worth a log line (a legacy key mapped onto its replacement, ...). */
   readonly warnings: readonly string[];
 }
@@ -324,6 +342,7 @@ export async function parseConfig(text: string, file: string, env: Env = process
             }),
           ),
         ),
+        queue: user.queue && Object.freeze({ maxAgeMs: user.queue.max_age, firstRetryMs: user.queue.first_retry, maxRetryMs: user.queue.max_retry }),
       }),
     );
   }
@@ -363,6 +382,15 @@ export async function parseConfig(text: string, file: string, env: Env = process
     users: Object.freeze(users),
     plaintextPasswords: Object.freeze(plaintextPasswords),
     http: data.http === false ? null : Object.freeze({ host: data.http.host, port: data.http.port, token: data.http.token }),
+    spool:
+      data.spool || users.some((u) => u.queue)
+        ? Object.freeze({
+            dir: path.resolve(configDir, data.spool?.dir ?? './spool'),
+            maxSize: data.spool?.max_size ?? 2 * 1024 ** 3,
+            pollIntervalMs: data.spool?.poll_interval ?? 1000,
+            concurrency: data.spool?.concurrency ?? 4,
+          })
+        : undefined,
     warnings: Object.freeze(warnings),
   });
 }

@@ -21,7 +21,6 @@ const byteSize = z.union([z.number(), z.string()], { error: `must be a size (${S
 
 /** The admin HTTP listener's port unless the config or SMTPMUX_HTTP_PORT says otherwise. */
 export const DEFAULT_HTTP_PORT = 9587;
-
 const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 const DURATION_HINT = 'use a number with ms, s, m, h or d, e.g. 60s, 30m, 24h';
 
@@ -39,6 +38,18 @@ const duration = z.union([z.number(), z.string()], { error: `must be a duration 
   }
   return ms;
 });
+
+const positiveDuration = duration.refine((ms) => ms > 0, { message: 'must be longer than 0' });
+
+/** A user's store-and-forward settings: present = keep a message that no downstream took for now. */
+export const queueSchema = z
+  .object({
+    max_age: positiveDuration.default(3 * 86_400_000),
+    first_retry: positiveDuration.default(30_000),
+    max_retry: positiveDuration.default(3_600_000),
+  })
+  .strict()
+  .refine((q) => q.first_retry <= q.max_retry, { message: 'first_retry must not be longer than max_retry', path: ['first_retry'] });
 
 /**
  * "14/s", "100/m", "200/24h", "100/d" → { limit, periodMs }: `limit` per period, where the period is a
@@ -98,6 +109,7 @@ export const userSchema = z
     selector: z.string().min(1).optional(),
     selector_algo_path: z.string().min(1).optional(),
     downstreams: z.array(downstreamSchema).min(1, 'list at least one downstream'),
+    queue: queueSchema.optional(),
   })
   .strict()
   .superRefine((user, ctx) => {
@@ -198,6 +210,15 @@ export const configSchema = z
           .strict(),
       ], { error: 'must be false or a mapping with host, port and token' })
       .default({ host: '127.0.0.1', port: DEFAULT_HTTP_PORT }),
+    spool: z
+      .object({
+        dir: z.string().min(1).default('./spool'),
+        max_size: byteSize.default(2 * 1024 ** 3),
+        poll_interval: positiveDuration.default(1000),
+        concurrency: z.number().int().min(1).max(100).default(4),
+      })
+      .strict()
+      .optional(),
     users: z.array(userSchema).min(1, 'list at least one user'),
   })
   .strict()

@@ -18,6 +18,7 @@ import type { StateStore } from '../state/store';
 import { clientNetwork } from './client-network';
 import { ConnectionGuard } from './guard';
 import { FastDataSMTPServer } from './fast-data';
+import type { Spool } from '../spool/spool';
 
 export interface InboundDeps {
   /** The Runtime new transactions use; it changes on reload. */
@@ -39,6 +40,8 @@ export interface InboundDeps {
    * with reason an error code such as SMTPMUX_AUTH_FAILED.
    */
   readonly events?: EventEmitter;
+  /** The durable spool, when the config has one: takes a queueing user's message no downstream took. */
+  spool?(): Spool | undefined;
 }
 
 export interface ListenerOptions {
@@ -216,6 +219,15 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
       );
       const routed = await routeMessage(runtime, user, message, envelope, body, logger, metrics);
       if (routed.error) {
+        const spool = deps.spool?.();
+        // Only "nothing accepted it for now" is queued: a permanent refusal stays a 5xx, a script fault a 451.
+        if (spool && user.queue && routed.error.code === 'SMTPMUX_DOWNSTREAMS_UNAVAILABLE') {
+          const queued = await spool
+            .keep({ id, user: user.email, envelope, clientAddress: session.remoteAddress, queue: user.queue, body, lastError: routed.error.message })
+            .catch((err: SmtpMuxError) => Promise.reject(err.withDetail(`message id ${id}`)));
+          metrics.message(login, 'queued', seconds());
+          return `2.0.0 Queued as ${queued}`;
+        }
         throw routed.error.withDetail(`message id ${id}`);
       }
       metrics.message(login, 'delivered', seconds());
