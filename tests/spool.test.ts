@@ -3,10 +3,16 @@
 // buried in the dead letter after max_age or a permanent refusal, and a full spool answers 452. The
 // `smtpmux queue` commands run as their own process against the running proxy's spool.
 import { startDownstream, subjectOf, type Downstream } from './support/downstream';
-import { configFor, startProxy, TEST_LIMITS, type RunningProxy } from './support/proxy';
+import { startProxy, type RunningProxy } from './support/proxy';
+import { testConfig, TEST_LIMITS } from './support/config';
 import { sendWithNodemailer } from './support/clients';
 import { runCli } from './support/cli';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { retryDelay } from '../src/spool/schedule';
+import { SpoolStore } from '../src/spool/store';
+import { ConfigError, parseConfig } from '../src/config/load';
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -22,13 +28,18 @@ async function downstream(options: Parameters<typeof startDownstream>[0] = {}): 
 }
 
 /** A config with a spool polled every 50 ms and a user whose messages queue with short retries. */
-function spoolConfig(options: { downstreams: { name: string; addr: string }[]; selector?: string; queue?: string; spool?: string }): string {
-  const base = configFor({
-    selector: options.selector ?? 'waterfall.js',
-    extra: `${TEST_LIMITS}spool:\n  poll_interval: 50ms\n${options.spool ?? ''}`,
-    downstreams: options.downstreams,
+function spoolConfig(options: { downstreams: { name: string; addr: string }[]; selector?: string; queue?: Record<string, string>; spool?: Record<string, string> }): string {
+  return testConfig({
+    ...TEST_LIMITS,
+    spool: { poll_interval: '50ms', ...options.spool },
+    users: [
+      {
+        selector: options.selector ?? 'waterfall.js',
+        downstreams: options.downstreams,
+        queue: options.queue ?? { first_retry: '100ms', max_retry: '400ms', max_age: '1h' },
+      },
+    ],
   });
-  return `${base}    queue:\n${options.queue ?? '      first_retry: 100ms\n      max_retry: 400ms\n      max_age: 1h\n'}`;
 }
 
 async function proxy(config: string, files: Record<string, string> = {}): Promise<RunningProxy> {
@@ -72,8 +83,8 @@ describe('store and forward', () => {
     ds.fail({ kind: 'none' });
     await until(() => ds.received.length === 1, 'the queued message to be delivered');
     expect(subjectOf(ds.received[0].raw)).toBe('keep me');
-    await until(() => p.app.spool!.stats().queued === 0, 'the spool to empty');
-    expect(p.logs.some((l) => l.msg === 'queued message delivered' && l.msgId === id)).toBe(true);
+    await until(() => p.logs.some((l) => l.msg === 'queued message delivered' && l.msgId === id), 'the delivery to be logged');
+    expect(p.app.spool!.stats().queued).toBe(0);
     expect(p.app.spool!.counters).toMatchObject({ queued: 1, delivered: 1, dead: 0 });
   });
 
@@ -86,7 +97,7 @@ describe('store and forward', () => {
 
   test('a user without queue keeps answering 451 when nothing accepted', async () => {
     const ds = await downstream({ fail: TEMPFAIL });
-    const config = configFor({ selector: 'waterfall.js', extra: `${TEST_LIMITS}spool:\n  poll_interval: 50ms\n`, downstreams: [{ name: 'a', addr: ds.addr }] });
+    const config = testConfig({ ...TEST_LIMITS, spool: { poll_interval: '50ms' }, selector: 'waterfall.js', downstreams: [{ name: 'a', addr: ds.addr }] });
     const p = await proxy(config);
     expect(await sendWithNodemailer(p.port, {})).toMatchObject({ ok: false, code: 451 });
     expect(p.app.spool!.stats().queued).toBe(0);
@@ -94,7 +105,7 @@ describe('store and forward', () => {
 
   test('max_age moves a message to the dead letter; the CLI lists it, retries it and drops it', async () => {
     const ds = await downstream({ fail: TEMPFAIL });
-    const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], queue: '      first_retry: 100ms\n      max_retry: 200ms\n      max_age: 600ms\n' }));
+    const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], queue: { first_retry: '100ms', max_retry: '200ms', max_age: '600ms' } }));
     const sent = await sendWithNodemailer(p.port, { subject: 'too old' });
     const id = queuedId(sent.response);
     expect(id).not.toBe('');
@@ -113,7 +124,7 @@ describe('store and forward', () => {
     const retried = await queue(p, 'retry', id);
     expect(retried).toMatchObject({ code: 0 });
     await until(() => ds.received.length === 1, 'the retried message to be delivered');
-    expect(p.app.spool!.stats()).toMatchObject({ queued: 0, dead: 0 });
+    await until(() => p.app.spool!.stats().queued + p.app.spool!.stats().dead === 0, 'the spool to empty');
     expect((await queue(p, 'drop', id)).code).toBe(1); // gone already
   });
 
@@ -131,7 +142,7 @@ describe('store and forward', () => {
 
   test('a full spool answers 452 4.3.1 and loses nothing: the queued ones are delivered, the refused one is the client\'s to resend', async () => {
     const ds = await downstream({ fail: TEMPFAIL });
-    const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], spool: '  max_size: 1KB\n' }));
+    const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], spool: { max_size: '1KB' } }));
     const text = 'x'.repeat(300);
     const first = await sendWithNodemailer(p.port, { subject: 'one', text });
     expect(first.response).toMatch(/Queued as/);
@@ -141,7 +152,7 @@ describe('store and forward', () => {
     expect(p.app.spool!.stats().queued).toBe(1);
 
     ds.fail({ kind: 'none' });
-    await until(() => ds.received.length === 1, 'the queued message to be delivered');
+    await until(() => ds.received.length === 1 && p.app.spool!.stats().bytes === 0, 'the queued message to be delivered');
     expect(await sendWithNodemailer(p.port, { subject: 'two', text })).toMatchObject({ ok: true });
     expect(ds.received.map((r) => subjectOf(r.raw)).sort()).toEqual(['one', 'two']);
   });
@@ -157,5 +168,67 @@ describe('store and forward', () => {
     expect((await p.app.reload('test')).ok).toBe(true);
     await until(() => b.received.length === 1, 'delivery through the new selector');
     expect(a.received).toHaveLength(0);
+  });
+});
+
+describe('the spool schedule', () => {
+  test('back-off doubles from first_retry up to max_retry, each wait within ±20%', () => {
+    const queue = { firstRetryMs: 1000, maxRetryMs: 10_000 };
+    expect([1, 2, 3, 4, 5, 6].map((n) => retryDelay(n, queue, 0.5))).toEqual([1000, 2000, 4000, 8000, 10_000, 10_000]);
+    expect(retryDelay(2, queue, 0)).toBe(1600);
+    expect(retryDelay(2, queue, 0.999_999)).toBe(2400);
+    expect(retryDelay(50, queue, 0.999_999)).toBe(10_000); // never past max_retry
+  });
+
+  test('after a downtime the longest overdue message is retried first; files without a row are removed at recovery', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-store-'));
+    const store = await SpoolStore.open(dir, { create: true });
+    try {
+      const entry = (id: string, nextAt: number) => ({
+        id, user: 'u', envelope: { from: 'a@b', to: ['c@d'], use8BitMime: false }, size: 5, clientAddress: '127.0.0.1',
+        headers: 'Subject: x', queuedAt: 1, expiresAt: 10_000, nextAt, attempts: 1, lastError: '451',
+      });
+      await store.add(entry('LATE', 300), Buffer.from('hello'));
+      await store.add(entry('EARLIEST', 100), Buffer.from('hello'));
+      await store.add(entry('FUTURE', 5000), Buffer.from('hello'));
+      await store.add(entry('MIDDLE', 200), Buffer.from('hello'));
+      expect(store.due(1000, 10).map((e) => e.id)).toEqual(['EARLIEST', 'MIDDLE', 'LATE']);
+      expect(store.lease('EARLIEST', 1000)).toBe(true);
+      expect(store.lease('EARLIEST', 1000)).toBe(false); // taken
+      writeFileSync(path.join(dir, 'bodies', 'NEVERQUEUED.eml.tmp'), 'half');
+      const recovery = await store.recover(2000);
+      expect(recovery).toEqual({ interrupted: ['EARLIEST'], orphans: 1, missingBodies: [] });
+      expect(existsSync(path.join(dir, 'bodies', 'NEVERQUEUED.eml.tmp'))).toBe(false);
+      expect(store.stats()).toEqual({ queued: 4, dead: 0, bytes: 20, oldestQueuedAt: 1 });
+    } finally {
+      store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('spool config', () => {
+  const file = path.join(os.tmpdir(), 'conf', 'config.yaml');
+  const parse = (spec: Record<string, unknown>, queue?: Record<string, string>) =>
+    parseConfig(testConfig({ ...spec, users: [{ selector: 'waterfall.js', downstreams: [{ addr: '127.0.0.1:25' }], ...(queue ? { queue } : {}) }] }), file, {});
+
+  test('a user with queue gets the documented defaults and a spool beside the config; without either there is no spool', async () => {
+    const config = await parse({}, {});
+    expect(config.users[0].queue).toEqual({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000 });
+    expect(config.spool).toEqual({ dir: path.join(os.tmpdir(), 'conf', 'spool'), maxSize: 2 * 1024 ** 3, pollIntervalMs: 1000, concurrency: 4 });
+    expect((await parse({})).spool).toBeUndefined();
+    const custom = await parse({ spool: { dir: '/var/spool/smtpmux', max_size: '10MB' } }, { max_age: '2h', first_retry: '1.5s', max_retry: '10m' });
+    expect(custom.users[0].queue).toEqual({ maxAgeMs: 7_200_000, firstRetryMs: 1500, maxRetryMs: 600_000 });
+    expect(custom.spool).toMatchObject({ dir: '/var/spool/smtpmux', maxSize: 10 * 1024 ** 2 });
+  });
+
+  test('a bad duration or a first_retry past max_retry is named by key', async () => {
+    const problemsOf = (queue: Record<string, string>) => parse({}, queue).then(() => [], (err: ConfigError) => err.problems);
+    expect(await problemsOf({ max_age: '3 weeks' })).toEqual([
+      expect.stringMatching(/users\[0\]\.queue\.max_age: "3 weeks" is not a duration \(use a number with ms, s, m, h or d/),
+    ]);
+    expect(await problemsOf({ first_retry: '2h', max_retry: '1h' })).toEqual([
+      expect.stringMatching(/users\[0\]\.queue\.first_retry: first_retry must not be longer than max_retry/),
+    ]);
   });
 });
