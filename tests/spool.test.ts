@@ -182,7 +182,7 @@ describe('the spool schedule', () => {
 
   test('after a downtime the longest overdue message is retried first; files without a row are removed at recovery', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-store-'));
-    const store = await SpoolStore.open(dir, { create: true });
+    const store = await SpoolStore.open(dir, { serving: true });
     try {
       const entry = (id: string, nextAt: number) => ({
         id, user: 'u', envelope: { from: 'a@b', to: ['c@d'], use8BitMime: false }, size: 5, clientAddress: '127.0.0.1',
@@ -200,6 +200,11 @@ describe('the spool schedule', () => {
       expect(recovery).toEqual({ interrupted: ['EARLIEST'], orphans: 1, missingBodies: [] });
       expect(existsSync(path.join(dir, 'bodies', 'NEVERQUEUED.eml.tmp'))).toBe(false);
       expect(store.stats()).toEqual({ queued: 4, dead: 0, bytes: 20, oldestQueuedAt: 1 });
+      // One serving process per spool folder (recovery would pull files from under another); commands may share it.
+      await expect(SpoolStore.open(dir, { serving: true })).rejects.toThrow(/another SMTP Mux process serves the spool in .*; each running instance needs its own spool.dir/);
+      const command = await SpoolStore.open(dir, { serving: false });
+      expect(command.list('queued')).toHaveLength(4);
+      command.close();
     } finally {
       store.close();
       rmSync(dir, { recursive: true, force: true });

@@ -70,7 +70,7 @@ export async function runQueue(argv: readonly string[], out: Out = console): Pro
   }
   let store: SpoolStore;
   try {
-    store = await SpoolStore.open(config.spool.dir, { create: false });
+    store = await SpoolStore.open(config.spool.dir, { serving: false });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
       if (action === 'list') {

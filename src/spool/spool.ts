@@ -67,7 +67,7 @@ export class Spool {
 
   /** Opens the spool and finishes what a crash left (interrupted attempts are logged); does not retry yet. */
   static async open(config: SpoolConfig, deps: SpoolDeps): Promise<Spool> {
-    const store = await SpoolStore.open(config.dir, { create: true });
+    const store = await SpoolStore.open(config.dir, { serving: true });
     const spool = new Spool(config, store, deps);
     try {
       const recovery = await store.recover(spool.now());

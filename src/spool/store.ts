@@ -113,6 +113,8 @@ export class SpoolStore {
   private constructor(
     readonly dir: string,
     private readonly db: DatabaseSync,
+    /** The serving process's hold on the spool (see open); undefined for a `queue` command. */
+    private readonly lock: DatabaseSync | undefined,
   ) {
     this.statements = {
       insert: db.prepare(`INSERT INTO messages (id, user, mail_from, rcpt, use8bitmime, size, client_address, headers, queued_at, expires_at, next_at, attempts, last_error, state)
@@ -136,11 +138,27 @@ export class SpoolStore {
     };
   }
 
-  /** Opens (creating when `create`) the spool in `dir`. Throws when it does not exist and `create` is false. */
-  static async open(dir: string, options: { create: boolean }): Promise<SpoolStore> {
+  /**
+   * Opens the spool in `dir`. A server opens it `serving`: it creates what is missing and takes the
+   * spool for itself, because recovery clears leases and removes unfinished files that another running
+   * instance would still be writing; a second server on the same folder is refused. The hold is an
+   * exclusive SQLite lock on `lock.sqlite`, which the OS releases when the process dies, even by SIGKILL.
+   * A `queue` command opens it without `serving` (and fails with ENOENT when there is no spool yet).
+   */
+  static async open(dir: string, options: { serving: boolean }): Promise<SpoolStore> {
     const bodies = path.join(dir, 'bodies');
-    if (options.create) await fs.mkdir(bodies, { recursive: true, mode: 0o700 });
-    else await fs.access(path.join(dir, 'spool.sqlite'), fsConstants.R_OK | fsConstants.W_OK);
+    let lock: DatabaseSync | undefined;
+    if (options.serving) {
+      await fs.mkdir(bodies, { recursive: true, mode: 0o700 });
+      lock = new DatabaseSync(path.join(dir, 'lock.sqlite'));
+      try {
+        lock.exec(`PRAGMA busy_timeout = 0; PRAGMA locking_mode = EXCLUSIVE; CREATE TABLE IF NOT EXISTS holder (pid INTEGER); DELETE FROM holder; INSERT INTO holder VALUES (${process.pid});`);
+      } catch (err) {
+        lock.close();
+        if ((err as { errcode?: number }).errcode === 5) throw new Error(`another SMTP Mux process serves the spool in ${dir}; each running instance needs its own spool.dir`);
+        throw err;
+      }
+    } else await fs.access(path.join(dir, 'spool.sqlite'), fsConstants.R_OK | fsConstants.W_OK);
     const db = new DatabaseSync(path.join(dir, 'spool.sqlite'));
     try {
       // busy_timeout: the server and a `queue` command may write at the same moment.
@@ -170,9 +188,10 @@ export class SpoolStore {
       PRAGMA user_version = ${SCHEMA_VERSION};`);
     } catch (err) {
       db.close();
+      lock?.close();
       throw err;
     }
-    return new SpoolStore(dir, db);
+    return new SpoolStore(dir, db, lock);
   }
 
   static isId(id: string): boolean {
@@ -342,6 +361,7 @@ export class SpoolStore {
     if (this.closed) return;
     this.closed = true;
     this.db.close();
+    this.lock?.close();
   }
 
   private async syncFolder(): Promise<void> {
