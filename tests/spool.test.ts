@@ -13,6 +13,7 @@ import path from 'node:path';
 import { retryDelay } from '../src/spool/schedule';
 import { SpoolStore } from '../src/spool/store';
 import { ConfigError, parseConfig } from '../src/config/load';
+import { simpleParser } from 'mailparser';
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -28,7 +29,7 @@ async function downstream(options: Parameters<typeof startDownstream>[0] = {}): 
 }
 
 /** A config with a spool polled every 50 ms and a user whose messages queue with short retries. */
-function spoolConfig(options: { downstreams: { name: string; addr: string }[]; selector?: string; queue?: Record<string, string>; spool?: Record<string, string> }): string {
+function spoolConfig(options: { downstreams: { name: string; addr: string }[]; selector?: string; queue?: Record<string, string | boolean>; spool?: Record<string, string> }): string {
   return testConfig({
     ...TEST_LIMITS,
     spool: { poll_interval: '50ms', ...options.spool },
@@ -140,6 +141,33 @@ describe('store and forward', () => {
     expect(p.app.spool!.stats()).toMatchObject({ queued: 0, dead: 0, bytes: 0 });
   });
 
+  test('with bounce: true, a dead message gets an RFC 3464 report to its envelope sender, from the null sender', async () => {
+    // Refuses the original for now; accepts the bounce (which quotes the original's headers in its last part).
+    const ds = await downstream({ decide: (raw) => (/^Subject: doomed/m.test(raw.toString().split('\r\n\r\n')[0]) ? TEMPFAIL : undefined) });
+    const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], queue: { first_retry: '100ms', max_retry: '200ms', max_age: '500ms', bounce: true } }));
+    const id = queuedId((await sendWithNodemailer(p.port, { subject: 'doomed', to: ['x@example.org', 'y@example.org'] })).response);
+    await until(() => ds.received.length === 1, 'the bounce to be delivered');
+    const bounce = ds.received[0];
+    expect(bounce.from).toBe('');
+    expect(bounce.to).toEqual(['app@example.com']);
+    const parsed = await simpleParser(bounce.raw);
+    expect(parsed.headers.get('content-type')).toMatchObject({ value: 'multipart/report', params: { 'report-type': 'delivery-status' } });
+    expect(parsed.subject).toBe('Undelivered Mail Returned to Sender');
+    expect(parsed.headers.get('auto-submitted')).toBe('auto-replied');
+    expect(parsed.text).toContain('"doomed" to x@example.org, y@example.org was not delivered');
+    // The three parts of RFC 3464 in order (mailparser folds message/delivery-status into the text).
+    const boundary = (parsed.headers.get('content-type') as { params: { boundary: string } }).params.boundary;
+    const parts = bounce.raw.toString().split(`--${boundary}`).slice(1, -1);
+    expect(parts.map((part) => /^\r\nContent-Type: ([^;\r]+)/.exec(part)?.[1])).toEqual(['text/plain', 'message/delivery-status', 'text/rfc822-headers']);
+    expect(parts[1]).toMatch(/^Reporting-MTA: dns; \S+/m);
+    expect(parts[1]).toContain('Final-Recipient: rfc822; x@example.org\r\nAction: failed\r\nStatus: 4.4.7');
+    expect(parts[1]).toContain('Final-Recipient: rfc822; y@example.org');
+    expect(parts[2]).toContain('Subject: doomed');
+    expect(parts[2]).not.toContain('hello there'); // headers only, never the body
+    expect(p.logs.find((l) => l.msg === 'bounce queued for the sender of a dead message')).toMatchObject({ bounceOf: id, status: '4.4.7' });
+    expect(p.app.spool!.stats()).toMatchObject({ dead: 1 });
+  });
+
   test('a full spool answers 452 4.3.1 and loses nothing: the queued ones are delivered, the refused one is the client\'s to resend', async () => {
     const ds = await downstream({ fail: TEMPFAIL });
     const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }], spool: { max_size: '1KB' } }));
@@ -219,11 +247,11 @@ describe('spool config', () => {
 
   test('a user with queue gets the documented defaults and a spool beside the config; without either there is no spool', async () => {
     const config = await parse({}, {});
-    expect(config.users[0].queue).toEqual({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000 });
+    expect(config.users[0].queue).toEqual({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000, bounce: false });
     expect(config.spool).toEqual({ dir: path.join(os.tmpdir(), 'conf', 'spool'), maxSize: 2 * 1024 ** 3, pollIntervalMs: 1000, concurrency: 4 });
     expect((await parse({})).spool).toBeUndefined();
     const custom = await parse({ spool: { dir: '/var/spool/smtpmux', max_size: '10MB' } }, { max_age: '2h', first_retry: '1.5s', max_retry: '10m' });
-    expect(custom.users[0].queue).toEqual({ maxAgeMs: 7_200_000, firstRetryMs: 1500, maxRetryMs: 600_000 });
+    expect(custom.users[0].queue).toEqual({ maxAgeMs: 7_200_000, firstRetryMs: 1500, maxRetryMs: 600_000, bounce: false });
     expect(custom.spool).toMatchObject({ dir: '/var/spool/smtpmux', maxSize: 10 * 1024 ** 2 });
   });
 

@@ -58,6 +58,8 @@ export interface QueueConfig {
   readonly maxAgeMs: number;
   readonly firstRetryMs: number;
   readonly maxRetryMs: number;
+  /** Send a delivery status notification (RFC 3464) to the envelope sender of a message that dies. */
+  readonly bounce: boolean;
 }
 
 export interface SpoolConfig {
@@ -342,7 +344,9 @@ export async function parseConfig(text: string, file: string, env: Env = process
             }),
           ),
         ),
-        queue: user.queue && Object.freeze({ maxAgeMs: user.queue.max_age, firstRetryMs: user.queue.first_retry, maxRetryMs: user.queue.max_retry }),
+        queue:
+          user.queue &&
+          Object.freeze({ maxAgeMs: user.queue.max_age, firstRetryMs: user.queue.first_retry, maxRetryMs: user.queue.max_retry, bounce: user.queue.bounce }),
       }),
     );
   }

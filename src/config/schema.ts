@@ -47,6 +47,7 @@ export const queueSchema = z
     max_age: positiveDuration.default(3 * 86_400_000),
     first_retry: positiveDuration.default(30_000),
     max_retry: positiveDuration.default(3_600_000),
+    bounce: z.boolean().default(false),
   })
   .strict()
   .refine((q) => q.first_retry <= q.max_retry, { message: 'first_retry must not be longer than max_retry', path: ['first_retry'] });

@@ -10,11 +10,14 @@ import type { Logger } from '../observe/logger';
 import type { Metrics } from '../observe/metrics';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
+import { randomBytes } from 'node:crypto';
+import os from 'node:os';
+import { buildBounce } from './dsn';
 import { retryDelay } from './schedule';
 import { SpoolStore, type SpoolEntry, type SpoolStats } from './store';
 
 /** Retry settings for a message whose user no longer has `queue` (or is gone): the documented defaults. */
-export const DEFAULT_QUEUE: QueueConfig = Object.freeze({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000 });
+export const DEFAULT_QUEUE: QueueConfig = Object.freeze({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000, bounce: false });
 
 export interface SpoolDeps {
   /** The Runtime retries use: the current one, so a reload's new selector applies to the next retry. */
@@ -35,6 +38,8 @@ export interface SpoolCounters {
   retries: number;
   /** Attempts a crash interrupted (each may have been accepted and is sent again). */
   interrupted: number;
+  /** Delivery status notifications queued for the senders of dead messages. */
+  bounces: number;
 }
 
 export interface Custody {
@@ -49,7 +54,7 @@ export interface Custody {
 }
 
 export class Spool {
-  readonly counters: SpoolCounters = { queued: 0, delivered: 0, dead: 0, retries: 0, interrupted: 0 };
+  readonly counters: SpoolCounters = { queued: 0, delivered: 0, dead: 0, retries: 0, interrupted: 0, bounces: 0 };
   private readonly active = new Set<Promise<void>>();
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -159,6 +164,40 @@ export class Spool {
     this.store.close();
   }
 
+  /**
+   * Queues a delivery status notification to a dead message's sender, from the null sender, as a message
+   * of the same user: it is retried like any other and, should it die too, never bounces.
+   */
+  private async queueBounce(original: SpoolEntry, report: { status: string; diagnostic: string; now: number; reportingMta: string }): Promise<void> {
+    const body = buildBounce({ original, ...report });
+    const id = `${report.now.toString(36)}${randomBytes(4).toString('hex')}`.toUpperCase();
+    const headerEnd = body.indexOf('\r\n\r\n');
+    const queue = this.deps.current().config.users.find((u) => u.email.toLowerCase() === original.user.toLowerCase())?.queue ?? DEFAULT_QUEUE;
+    const log = this.deps.logger.child({ msgId: id, user: original.user });
+    try {
+      await this.store.add(
+        {
+          id,
+          user: original.user,
+          envelope: { from: '', to: [original.envelope.from], use8BitMime: body.some((byte) => byte > 0x7f) },
+          size: body.length,
+          clientAddress: '',
+          headers: body.subarray(0, headerEnd).toString('utf8'),
+          queuedAt: report.now,
+          expiresAt: report.now + queue.maxAgeMs,
+          nextAt: report.now,
+          attempts: 0,
+          lastError: '',
+        },
+        body,
+      );
+      this.counters.bounces++;
+      log.info({ bounceOf: original.id, to: original.envelope.from, status: report.status }, 'bounce queued for the sender of a dead message');
+    } catch (err) {
+      log.error({ bounceOf: original.id, err: (err as Error).message }, 'the bounce could not be queued');
+    }
+  }
+
   /** max_size and concurrency follow a reload; dir and poll_interval are fixed at open. */
   private settings(): SpoolConfig {
     return this.deps.current().config.spool ?? this.config;
@@ -225,6 +264,10 @@ export class Spool {
         this.store.bury(entry.id, { reason, at: now, attempts: attempt, lastError });
         this.counters.dead++;
         log.error({ attempt, reason, lastError, queuedForSeconds: queuedFor }, 'queued message moved to the dead letter');
+        // Never a bounce for a bounce (null sender), nor for a user gone from the config.
+        if (user && queue.bounce && entry.envelope.from !== '') {
+          await this.queueBounce(entry, { status: error.responseCode >= 500 ? error.enhanced : '4.4.7', diagnostic: lastError, now, reportingMta: runtime.config.hostname ?? os.hostname() });
+        }
         return;
       }
       const nextAt = Math.min(now + retryDelay(attempt, queue), expiresAt);
