@@ -28,8 +28,12 @@ interface Message {
   readonly size: number;
   /** The decoded Subject header; "" when there is none. */
   readonly subject: string;
-  /** IP address of the client that submitted the message. */
+  /** IP address of the client that submitted the message ("" for a bounce SMTP Mux wrote). */
   readonly clientAddress: string;
+  /** 1 while the client waits for the answer; 2, 3, ... when a queued message is retried (see `queue` in the README). */
+  readonly attempt: number;
+  /** When the message was queued, as ISO 8601 (e.g. "2026-11-26T09:30:00.000Z"); null while the client waits. */
+  readonly queuedAt: string | null;
 }
 
 /** How SMTP Mux talks TLS to a downstream (the `tls` key of its config). */

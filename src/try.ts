@@ -137,6 +137,8 @@ export async function runTry(argv: string[]): Promise<number> {
         size: options.size,
         subject: options.subject,
         clientAddress: '127.0.0.1',
+        attempt: 1,
+        queuedAt: null,
       };
       if (options.deliver) {
         const raw = `From: <${options.from}>\r\nTo: ${options.to.map((t) => `<${t}>`).join(', ')}\r\nSubject: ${options.subject}\r\nMessage-ID: <${message.id}@smtpmux.try>\r\nDate: ${new Date().toUTCString()}\r\n\r\nA test message sent by smtpmux try.\r\n`;

@@ -175,7 +175,7 @@ function select(message, downstreams, ctx) {
 });
 
 describe('a run’s budget, counted by the host even when the isolate does not count', () => {
-  const message: MessageSummary = { id: 'M1', user: 'u@example.com', from: 'a@example.com', to: ['b@example.org'], size: 1, subject: 's', clientAddress: '127.0.0.1' };
+  const message: MessageSummary = { id: 'M1', user: 'u@example.com', from: 'a@example.com', to: ['b@example.org'], size: 1, subject: 's', clientAddress: '127.0.0.1', attempt: 1, queuedAt: null };
   const downstreams: DownstreamView[] = [
     { name: 'a', addr: 'a.example:25', host: 'a.example', port: 25, tls: 'none', tags: [], weight: 1, state: 'up', cooldownUntil: null, failures: 0, lastError: null, quota: null, rate: null, inflight: 0 },
   ];

@@ -229,9 +229,11 @@ describe('a selector that misbehaves', () => {
     const message = logs.find((l) => l.startsWith('message='))!;
     expect(message).toMatch(/ frozen=true,true,true$/);
     expect(Object.keys(JSON.parse(message.slice('message='.length, message.lastIndexOf(' frozen='))) as object).sort()).toEqual([
+      'attempt',
       'clientAddress',
       'from',
       'id',
+      'queuedAt',
       'size',
       'subject',
       'to',

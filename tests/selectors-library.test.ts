@@ -35,6 +35,8 @@ function message(overrides: Partial<MessageSummary> = {}): MessageSummary {
     size: 1234,
     subject: 'Hello',
     clientAddress: '127.0.0.1',
+    attempt: 1,
+    queuedAt: null,
     ...overrides,
   };
 }

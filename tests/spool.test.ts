@@ -185,10 +185,10 @@ describe('store and forward', () => {
     expect(ds.received.map((r) => subjectOf(r.raw)).sort()).toEqual(['one', 'two']);
   });
 
-  test('a retry runs the selector of the current config: after a reload, the new one', async () => {
+  test('a retry runs the selector of the current config (after a reload, the new one), told the attempt and when it was queued', async () => {
     const a = await downstream({ fail: TEMPFAIL });
     const b = await downstream();
-    const only = (name: string) => `function select(message, downstreams) { return ['${name}']; }\n`;
+    const only = (name: string) => `function select(message, downstreams) { log('attempt ' + message.attempt + ' queued ' + message.queuedAt); return ['${name}']; }\n`;
     const p = await proxy(spoolConfig({ selector: 'pick.js', downstreams: [{ name: 'a', addr: a.addr }, { name: 'b', addr: b.addr }] }), { 'pick.js': only('a') });
     expect((await sendWithNodemailer(p.port, {})).response).toMatch(/Queued as/);
     await until(() => p.logs.some((l) => l.msg === 'queued message not delivered yet; retrying later'), 'a failed retry');
@@ -196,6 +196,10 @@ describe('store and forward', () => {
     expect((await p.app.reload('test')).ok).toBe(true);
     await until(() => b.received.length === 1, 'delivery through the new selector');
     expect(a.received).toHaveLength(0);
+    const told = p.logs.filter((l) => l.scriptLog).map((l) => String(l.msg).replace(/^\S+: /, ''));
+    expect(told[0]).toBe('attempt 1 queued null');
+    expect(told[1]).toMatch(/^attempt 2 queued \d{4}-\d\d-\d\dT[\d:.]+Z$/);
+    expect(told[told.length - 1]).toMatch(new RegExp(`^attempt ${told.length} queued `));
   });
 });
 

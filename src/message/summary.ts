@@ -12,6 +12,10 @@ export function subjectOf(headerBlock: string): string {
   }
 }
 
-export function summarize(fields: Omit<MessageSummary, 'subject'>, headerBlock: string): MessageSummary {
-  return { ...fields, to: [...fields.to], subject: subjectOf(headerBlock) };
+/** The summary of a message; `attempt` and `queuedAt` default to a live one (1, null), a spool retry sets them. */
+export function summarize(
+  fields: Omit<MessageSummary, 'subject' | 'attempt' | 'queuedAt'> & Partial<Pick<MessageSummary, 'attempt' | 'queuedAt'>>,
+  headerBlock: string,
+): MessageSummary {
+  return { attempt: 1, queuedAt: null, ...fields, to: [...fields.to], subject: subjectOf(headerBlock) };
 }

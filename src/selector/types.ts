@@ -10,6 +10,10 @@ export interface MessageSummary {
   readonly size: number;
   readonly subject: string;
   readonly clientAddress: string;
+  /** 1 while the client waits; 2, 3, ... for retries of a queued message. */
+  readonly attempt: number;
+  /** When the message was queued (ISO 8601), or null while the client waits. */
+  readonly queuedAt: string | null;
 }
 
 /** What a selector learns about a downstream from the config: never its credentials. */

@@ -246,7 +246,10 @@ export class Spool {
         error = new SmtpMuxError('SMTPMUX_USER_GONE', 'the user of this queued message is no longer configured');
       } else {
         const envelope: Envelope = { ...entry.envelope, size: entry.size };
-        const message = summarize({ id: entry.id, user: user.email, from: entry.envelope.from, to: entry.envelope.to, size: entry.size, clientAddress: entry.clientAddress }, entry.headers);
+        const message = summarize(
+          { id: entry.id, user: user.email, from: entry.envelope.from, to: entry.envelope.to, size: entry.size, clientAddress: entry.clientAddress, attempt, queuedAt: new Date(entry.queuedAt).toISOString() },
+          entry.headers,
+        );
         const body = MessageBody.fromFile(this.store.bodyPath(entry.id), entry.size, entry.headers);
         ({ error, downstream } = await routeMessage(runtime, user, message, envelope, body, this.deps.logger, this.deps.metrics));
       }
