@@ -114,6 +114,7 @@ export class App {
       connections: () => this.guard.size,
       downstreams: () => downstreamStates(this.current),
       state: () => this.state.status(),
+      spool: () => this.spoolPart && { ...this.spoolPart.stats(), counters: { ...this.spoolPart.counters } },
     });
     this.events.on('auth_failure', (event: { reason?: string }) => metrics.authFailure(String(event?.reason)));
     this.events.on('connection_refused', (event: { reason?: string }) => metrics.connectionRefused(String(event?.reason)));

@@ -70,6 +70,11 @@ describe('store and forward', () => {
     expect(sent.response).toMatch(/^250 2\.0\.0 Queued as \S+/);
     const id = queuedId(sent.response);
     expect(p.app.spool!.stats()).toMatchObject({ queued: 1, dead: 0 });
+    const scraped = await p.app.metrics.exposition();
+    expect(scraped).toContain('smtpmux_messages_total{user="test@user.com",outcome="queued"} 1');
+    expect(scraped).toContain('smtpmux_spool_messages{state="queued"} 1');
+    expect(scraped).toMatch(/^smtpmux_spool_bytes [1-9]\d*$/m);
+    expect(scraped).toContain('smtpmux_spool_events_total{event="queued"} 1');
 
     const listed = await queue(p, 'list');
     expect(listed.code).toBe(0);
@@ -87,6 +92,7 @@ describe('store and forward', () => {
     await until(() => p.logs.some((l) => l.msg === 'queued message delivered' && l.msgId === id), 'the delivery to be logged');
     expect(p.app.spool!.stats().queued).toBe(0);
     expect(p.app.spool!.counters).toMatchObject({ queued: 1, delivered: 1, dead: 0 });
+    expect(await p.app.metrics.exposition()).toContain('smtpmux_spool_events_total{event="delivered"} 1');
   });
 
   test('a permanent refusal by every downstream is still a 5xx and nothing is queued', async () => {

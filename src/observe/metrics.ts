@@ -8,7 +8,18 @@ import { RecentActivity } from './recent';
 
 /** How a message ended for the client: 250, 4xx, 5xx (and, once a spool exists, stored for later). */
 export type MessageOutcome = 'delivered' | 'deferred' | 'rejected' | 'queued';
-export const MESSAGE_OUTCOMES: readonly MessageOutcome[] = ['delivered', 'deferred', 'rejected'];
+export const MESSAGE_OUTCOMES: readonly MessageOutcome[] = ['delivered', 'deferred', 'rejected', 'queued'];
+
+/** What the spool holds and what it did since start, read at scrape time (see src/spool/spool.ts). */
+export interface SpoolReading {
+  readonly queued: number;
+  readonly dead: number;
+  readonly bytes: number;
+  /** queued_at of the oldest queued message (ms since the epoch), or null. */
+  readonly oldestQueuedAt: number | null;
+  /** Counts since start: queued, delivered, dead, retries, interrupted, bounces. */
+  readonly counters: Readonly<Record<string, number>>;
+}
 
 /** One delivery attempt: accepted, failed for now, refused for good, or not tried (a cooling downstream). */
 export type AttemptResult = 'ok' | 'temporary' | 'permanent' | 'skipped';
@@ -49,6 +60,8 @@ export interface MetricsSources {
   downstreams?(): Promise<readonly DownstreamState[]> | readonly DownstreamState[];
   /** Which backend holds cooldowns, rates, quotas and ctx.state, and whether it is degraded. */
   state?(): StateStatus;
+  /** The durable spool, when there is one. */
+  spool?(): SpoolReading | undefined;
 }
 
 /** Seconds, for message and selector timings (a local delivery takes a few ms, a slow provider seconds). */
@@ -173,6 +186,59 @@ export class Metrics {
         const status = sources().state?.();
         this.reset();
         if (status) this.inc(status.localOperations);
+      },
+    });
+    // The spool: one reading per scrape, shared by its four metrics like the downstream snapshot above.
+    let reading: SpoolReading | undefined;
+    let readAt = -1;
+    const spool = (): SpoolReading | undefined => {
+      const now = Date.now();
+      if (now - readAt > 50) {
+        reading = sources().spool?.();
+        readAt = now;
+      }
+      return reading;
+    };
+    new Gauge({
+      name: 'smtpmux_spool_messages',
+      help: 'Messages in the spool, by state: queued (waiting for a retry) or dead (the dead letter).',
+      labelNames: ['state'] as const,
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        const now = spool();
+        if (now) for (const state of ['queued', 'dead'] as const) this.set({ state }, now[state]);
+      },
+    });
+    new Gauge({
+      name: 'smtpmux_spool_bytes',
+      help: 'Body bytes the spool holds, queued and dead (compare with spool.max_size).',
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        const now = spool();
+        if (now) this.set(now.bytes);
+      },
+    });
+    new Gauge({
+      name: 'smtpmux_spool_oldest_age_seconds',
+      help: 'Age of the oldest queued message; 0 when nothing is queued.',
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        const now = spool();
+        if (now) this.set(now.oldestQueuedAt === null ? 0 : Math.max(0, (Date.now() - now.oldestQueuedAt) / 1000));
+      },
+    });
+    new Counter({
+      name: 'smtpmux_spool_events_total',
+      help: 'What the spool did since start: queued, retries, delivered, dead, interrupted (attempts a crash cut short), bounces.',
+      labelNames: ['event'] as const,
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        const now = spool();
+        if (now) for (const event of ['queued', 'retries', 'delivered', 'dead', 'interrupted', 'bounces']) this.inc({ event }, now.counters[event] ?? 0);
       },
     });
     if (options.defaultMetrics !== false) collectDefaultMetrics({ register: this.registry });
