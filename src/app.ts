@@ -299,12 +299,13 @@ export class App {
       ready: this.readiness(),
       lastReload: this.lastReload,
       refreshSeconds: STATUS_REFRESH_SECONDS,
+      spool: this.spoolPart && { ...this.spoolPart.stats(), maxSize: (runtime.config.spool ?? this.spoolPart.config).maxSize },
       users: runtime.config.users.map((user) => {
         const m = counts.get(user.email);
         return {
           email: user.email,
           selector: runtime.user(user.email)?.selectorLabel ?? user.selectorName,
-          messages: { delivered: m?.delivered ?? 0, deferred: m?.deferred ?? 0, rejected: m?.rejected ?? 0 },
+          messages: { delivered: m?.delivered ?? 0, deferred: m?.deferred ?? 0, rejected: m?.rejected ?? 0, queued: m?.queued ?? 0 },
           downstreams: user.downstreams.map((ds) => {
             const state = stateOf.get(`${user.email}\0${ds.name}`);
             return {

@@ -14,6 +14,7 @@ import { retryDelay } from '../src/spool/schedule';
 import { SpoolStore } from '../src/spool/store';
 import { ConfigError, parseConfig } from '../src/config/load';
 import { simpleParser } from 'mailparser';
+import { renderStatus } from '../src/http/status';
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -75,6 +76,9 @@ describe('store and forward', () => {
     expect(scraped).toContain('smtpmux_spool_messages{state="queued"} 1');
     expect(scraped).toMatch(/^smtpmux_spool_bytes [1-9]\d*$/m);
     expect(scraped).toContain('smtpmux_spool_events_total{event="queued"} 1');
+    const page = renderStatus(await p.app.status());
+    expect(page).toMatch(/Spool: <span class="pill warn">1 queued \(oldest \d+ s\)<\/span>, 0 in the dead letter/);
+    expect(page).toContain('<span class="pill warn">1 queued</span>');
 
     const listed = await queue(p, 'list');
     expect(listed.code).toBe(0);

@@ -21,7 +21,7 @@ export interface DownstreamStatus {
 export interface UserStatus {
   readonly email: string;
   readonly selector: string;
-  readonly messages: { readonly delivered: number; readonly deferred: number; readonly rejected: number };
+  readonly messages: { readonly delivered: number; readonly deferred: number; readonly rejected: number; readonly queued: number };
   readonly downstreams: readonly DownstreamStatus[];
 }
 
@@ -44,6 +44,8 @@ export interface StatusView {
   /** Where cooldowns, rates and quotas live, and whether a shared backend is unreachable. */
   readonly state: StateStatus;
   readonly users: readonly UserStatus[];
+  /** The durable spool, when there is one: counts and bytes only, no message. */
+  readonly spool?: { readonly queued: number; readonly dead: number; readonly bytes: number; readonly maxSize: number; readonly oldestQueuedAt: number | null };
   /** Seconds between refreshes. */
   readonly refreshSeconds: number;
 }
@@ -94,7 +96,7 @@ function userSection(user: UserStatus, now: number, slowestMs: number): string {
   const m = user.messages;
   return `<section>
 <h2>${escapeHtml(user.email)} <small class="muted">selector ${escapeHtml(user.selector)}</small></h2>
-<p class="counts"><span class="pill up">${m.delivered} delivered</span> <span class="pill warn">${m.deferred} deferred</span> <span class="pill down">${m.rejected} rejected</span> <small class="muted">since start</small></p>
+<p class="counts"><span class="pill up">${m.delivered} delivered</span> <span class="pill warn">${m.deferred} deferred</span> <span class="pill down">${m.rejected} rejected</span>${m.queued ? ` <span class="pill warn">${m.queued} queued</span>` : ''} <small class="muted">since start</small></p>
 <table><thead><tr><th>downstream</th><th>state</th><th>attempts, last ${RECENT_MINUTES} min</th><th>mean latency</th><th>quota</th></tr></thead>
 <tbody>${user.downstreams.map((ds) => downstreamRow(ds, now, slowestMs)).join('')}</tbody></table>
 </section>`;
@@ -106,6 +108,14 @@ function stateLine(view: StatusView): string {
   if (!st.degraded) return '<p>State (cooldowns, rates, quotas): <span class="pill up">shared on Redis</span></p>';
   const since = st.since ? ` for ${ago(view.now - st.since)}` : '';
   return `<p>State (cooldowns, rates, quotas): <span class="pill down">Redis unreachable${since}</span> ${escapeHtml(st.reason ?? '')}; limits are per instance meanwhile (${st.localOperations} local operations).</p>`;
+}
+
+function spoolLine(view: StatusView): string {
+  const sp = view.spool;
+  if (!sp) return '';
+  const oldest = sp.oldestQueuedAt === null ? '' : ` (oldest ${ago(view.now - sp.oldestQueuedAt)})`;
+  const dead = sp.dead > 0 ? `<span class="pill down">${sp.dead} in the dead letter</span>` : '0 in the dead letter';
+  return `<p>Spool: ${sp.queued > 0 ? `<span class="pill warn">${sp.queued} queued${oldest}</span>` : '0 queued'}, ${dead}; ${(sp.bytes / 2 ** 20).toFixed(1)} of ${(sp.maxSize / 2 ** 20).toFixed(0)} MB used (<code>smtpmux queue list</code>).</p>`;
 }
 
 function reloadSection(view: StatusView): string {
@@ -139,6 +149,7 @@ export function renderStatus(view: StatusView): string {
 <div class="head"><h1>SMTP Mux ${escapeHtml(view.version)} ${readiness}</h1>
 <p>Up ${ago(view.now - view.startedAt)} · config <code>${escapeHtml(view.configFile)}</code> (hash <code>${escapeHtml(view.configHash)}</code>) · ${view.users.length} user(s)</p>
 ${stateLine(view)}
+${spoolLine(view)}
 ${reloadSection(view)}</div>
 ${view.users.map((u) => userSection(u, view.now, slowestMs)).join('\n')}
 <footer>${escapeHtml(time(view.now))} · refreshes every ${view.refreshSeconds} s · metrics at <a href="metrics">/metrics</a></footer>
