@@ -18,7 +18,7 @@ import type { StateStore } from '../state/store';
 import { clientNetwork } from './client-network';
 import { ConnectionGuard } from './guard';
 import { FastDataSMTPServer } from './fast-data';
-import type { Spool } from '../spool/spool';
+import { isQueueable, type Spool } from '../spool/spool';
 
 export interface InboundDeps {
   /** The Runtime new transactions use; it changes on reload. */
@@ -220,8 +220,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
       const routed = await routeMessage(runtime, user, message, envelope, body, logger, metrics);
       if (routed.error) {
         const spool = deps.spool?.();
-        // Only "nothing accepted it for now" is queued: a permanent refusal stays a 5xx, a script fault a 451.
-        if (spool && user.queue && routed.error.code === 'SMTPMUX_DOWNSTREAMS_UNAVAILABLE') {
+        if (spool && user.queue && isQueueable(routed.error)) {
           const queued = await spool
             .keep({ id, user: user.email, envelope, clientAddress: session.remoteAddress, queue: user.queue, body, lastError: routed.error.message })
             .catch((err: SmtpMuxError) => Promise.reject(err.withDetail(`message id ${id}`)));

@@ -19,6 +19,15 @@ import { SpoolStore, type SpoolEntry, type SpoolStats } from './store';
 /** Retry settings for a message whose user no longer has `queue` (or is gone): the documented defaults. */
 export const DEFAULT_QUEUE: QueueConfig = Object.freeze({ maxAgeMs: 3 * 86_400_000, firstRetryMs: 30_000, maxRetryMs: 3_600_000, bounce: false });
 
+/**
+ * Whether a message answered with `error` is one to queue: nothing accepted it for now because of the
+ * downstreams (4.4.x: they failed temporarily, or every one was cooling, rate-limited or out of quota).
+ * A permanent refusal stays a 5xx; a selector fault (4.3.0) is the script's to fix, not a reason to hold mail.
+ */
+export function isQueueable(error: SmtpMuxError): boolean {
+  return error.responseCode >= 400 && error.responseCode < 500 && error.enhanced.startsWith('4.4.');
+}
+
 export interface SpoolDeps {
   /** The Runtime retries use: the current one, so a reload's new selector applies to the next retry. */
   current(): Runtime;
