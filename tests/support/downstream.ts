@@ -96,6 +96,9 @@ export async function startDownstream(
       });
     },
   });
+  // A client that vanishes mid-conversation (a proxy killed by a test) is what a real server lives with,
+  // not a reason to crash the test process with an unhandled 'error'.
+  server.on('error', () => undefined);
   return {
     ...(await listenOnLoopback(server)),
     received,
