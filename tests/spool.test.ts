@@ -99,6 +99,24 @@ describe('store and forward', () => {
     expect(await p.app.metrics.exposition()).toContain('smtpmux_spool_events_total{event="delivered"} 1');
   });
 
+  test('when every downstream is cooling down, the message is queued too (not answered 451)', async () => {
+    // 421: the downstream itself is the problem for now, a back-off signal that starts its cooldown.
+    const ds = await downstream({ fail: { kind: 'reply', code: 421, message: '4.7.0 Too busy, come back later' } });
+    const p = await proxy(
+      testConfig({
+        ...TEST_LIMITS,
+        spool: { poll_interval: '50ms' },
+        users: [{ selector: 'waterfall.js', downstreams: [{ name: 'a', addr: ds.addr, cooldown: '1h' }], queue: { first_retry: '1h', max_retry: '1h' } }],
+      }),
+    );
+    expect((await sendWithNodemailer(p.port, { subject: 'one' })).response).toMatch(/Queued as/);
+    const second = await sendWithNodemailer(p.port, { subject: 'two' });
+    expect(second.response).toMatch(/Queued as/);
+    const id = queuedId(second.response);
+    expect(p.logs.find((l) => l.msgId === id && l.outcome === 'deferred')).toMatchObject({ code: 'SMTPMUX_DOWNSTREAMS_LIMITED' });
+    expect(p.app.spool!.stats().queued).toBe(2);
+  });
+
   test('a permanent refusal by every downstream is still a 5xx and nothing is queued', async () => {
     const ds = await downstream({ fail: { kind: 'reply', code: 550, message: '5.1.1 No such user' } });
     const p = await proxy(spoolConfig({ downstreams: [{ name: 'a', addr: ds.addr }] }));
