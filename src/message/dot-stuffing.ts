@@ -41,10 +41,12 @@ function isDataParser(parser: unknown): parser is DataParser {
 }
 
 /**
- * Gives one parser the fast path: a chunk with no "\n." in it (counting the bytes the parser held back
- * from the previous chunk) holds no stuffed dot and no end of data, so smtp-server would emit all of it
- * but its last four bytes, which it keeps to match a terminator split across chunks. That is done here
- * without a per-byte loop or a copy; any other chunk goes to smtp-server's own _feedDataStream.
+ * Gives one parser the fast path. Bytes with no "\n." in them (counting the bytes the parser held back
+ * from the previous chunk) hold no stuffed dot and no end of data, so smtp-server would emit all of them
+ * but the last four, which it keeps to match a terminator split across chunks. A chunk is cut before its
+ * first "\n.": the part before goes out here, without a per-byte loop or a copy; the rest (a stuffed dot,
+ * the final dot) goes to smtp-server's own _feedDataStream, as if TCP had cut the chunk there. After a
+ * stuffed dot smtp-server feeds the remainder back through this method.
  */
 export function fastDataParser<T>(parser: T): T {
   if (!isDataParser(parser) || hooked.has(parser)) return parser;
@@ -54,25 +56,28 @@ export function fastDataParser<T>(parser: T): T {
     const held = this._lastBytes && this._lastBytes.length > 0 ? this._lastBytes : undefined;
     const dataStream = this._dataStream;
     if (
-      this._atDataStart ||
       !dataStream ||
-      chunk.length < 8 ||
-      chunk.indexOf(LF_DOT) !== -1 ||
+      (this._atDataStart && chunk[0] === 0x2e) ||
       (held !== undefined && (held.indexOf(LF_DOT) !== -1 || (held[held.length - 1] === 0x0a && chunk[0] === 0x2e)))
     ) {
       return stock.call(this, chunk, done);
     }
-    const body = chunk.subarray(0, chunk.length - 4);
-    this._lastBytes = chunk.subarray(chunk.length - 4);
+    const dot = chunk.indexOf(LF_DOT);
+    const clean = dot === -1 ? chunk : chunk.subarray(0, dot);
+    const rest = dot === -1 ? undefined : chunk.subarray(dot);
+    if (clean.length < 8) return stock.call(this, chunk, done);
+    const next = rest === undefined ? done : (): void => stock.call(this, rest, done);
+    const body = clean.subarray(0, clean.length - 4);
+    this._lastBytes = clean.subarray(clean.length - 4);
     this._countDataBytes((held?.length ?? 0) + body.length);
-    if (!dataStream.writable) return done();
+    if (!dataStream.writable) return next();
     if (held) dataStream.write(held);
-    if (dataStream.write(body) || dataStream.destroyed) return done();
+    if (dataStream.write(body) || dataStream.destroyed) return next();
     // Wait as smtp-server does: for 'drain', or 'close' when the application destroyed the stream.
     const resume = (): void => {
       dataStream.removeListener('drain', resume);
       dataStream.removeListener('close', resume);
-      done();
+      next();
     };
     dataStream.once('drain', resume);
     dataStream.once('close', resume);
@@ -120,11 +125,7 @@ export function needsStuffing(chunk: Buffer, prev: number | false): boolean {
   const first = chunk[0];
   if ((prev === 0x0d && first !== 0x0a) || (first === 0x2e && (prev === 0x0a || prev === false))) return true;
   for (let start = 0; start < chunk.length; ) {
-    let end = chunk.length;
-    if (end - start > WINDOW_BYTES) {
-      const lf = chunk.indexOf(0x0a, start + WINDOW_BYTES);
-      if (lf !== -1) end = lf + 1;
-    }
+    const end = windowEnd(chunk, start);
     // A window after the first starts a line: the one before it ended in LF.
     if (start > 0 && chunk[start] === 0x2e) return true;
     if (NEEDS_STUFFING.test(chunk.toString('latin1', start, end))) return true;
@@ -133,26 +134,51 @@ export function needsStuffing(chunk: Buffer, prev: number | false): boolean {
   return false;
 }
 
+/** Where the window that starts at `start` ends: after the first LF past WINDOW_BYTES, or at the end. */
+function windowEnd(chunk: Buffer, start: number): number {
+  if (chunk.length - start <= WINDOW_BYTES) return chunk.length;
+  const lf = chunk.indexOf(0x0a, start + WINDOW_BYTES);
+  return lf === -1 ? chunk.length : lf + 1;
+}
+
 function isStuffingStream(stream: unknown): stream is StuffingStream {
   const s = stream as Partial<StuffingStream> | null;
   return !!s && typeof s._transform === 'function' && typeof s.inByteCount === 'number' && typeof s.outByteCount === 'number' && 'lastByte' in s;
 }
 
 /**
- * Gives one nodemailer DataStream the fast path: a chunk in which nothing needs stuffing or a line-end
- * repair is passed on as it is, with the counters DataStream keeps; anything else goes to its own
- * _transform.
+ * Gives one nodemailer DataStream the fast path. A chunk is looked at in windows (ending after an LF):
+ * runs of windows in which nothing needs stuffing or a line-end repair are passed on as they are, with
+ * the counters DataStream keeps; a window that does goes to DataStream's own _transform (which is
+ * synchronous and keeps the byte before the next window), as if the chunk had been cut there.
  */
 export function fastStuffingStream<T>(stream: T): T {
   if (!isStuffingStream(stream) || hooked.has(stream)) return stream;
   hooked.add(stream);
   const stock = stream._transform;
+  const noop = (): void => undefined;
   stream._transform = function transform(this: StuffingStream, chunk: Buffer | string, encoding: BufferEncoding, done: Done): void {
-    if (typeof chunk === 'string' || chunk.length === 0 || needsStuffing(chunk, this.lastByte)) return stock.call(this, chunk, encoding, done);
-    this.inByteCount += chunk.length;
-    this.outByteCount += chunk.length;
-    this.push(chunk);
-    this.lastByte = chunk[chunk.length - 1];
+    if (typeof chunk === 'string' || chunk.length === 0) return stock.call(this, chunk, encoding, done);
+    let run = 0; // start of the clean bytes not pushed yet
+    const flush = (end: number): void => {
+      if (end <= run) return;
+      const clean = chunk.subarray(run, end);
+      this.inByteCount += clean.length;
+      this.outByteCount += clean.length;
+      this.push(clean);
+      this.lastByte = clean[clean.length - 1];
+    };
+    for (let start = 0; start < chunk.length; ) {
+      const end = windowEnd(chunk, start);
+      const prev = start === 0 ? this.lastByte : chunk[start - 1];
+      if (needsStuffing(chunk.subarray(start, end), prev)) {
+        flush(start);
+        stock.call(this, chunk.subarray(start, end), encoding, noop);
+        run = end;
+      }
+      start = end;
+    }
+    flush(chunk.length);
     done();
   };
   return stream;
