@@ -49,6 +49,14 @@ async function startInstances(name: string, config: string, count = 2): Promise<
   return instances;
 }
 
+async function until(check: () => boolean, ms: number, what: string): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
 async function stopAll(instances: ServeProcess[]): Promise<void> {
   for (const p of instances) {
     p.child.kill('SIGTERM');
@@ -202,14 +210,20 @@ interface Setup {
  * Test downstreams (each spec: its name, how it fails, and its config keys such as quota or cooldown)
  * behind two instances of one config whose state is on the test's Redis under its own prefix.
  */
-async function setUp(name: string, selector: string, specs: { name: string; fail?: FailMode; [key: string]: unknown }[], state: Record<string, unknown> = {}): Promise<Setup> {
+async function setUp(
+  name: string,
+  selector: string,
+  specs: { name: string; fail?: FailMode; [key: string]: unknown }[],
+  state: Record<string, unknown> = {},
+  more: { spool?: Record<string, unknown>; queue?: Record<string, unknown> } = {},
+): Promise<Setup> {
   const ds: Record<string, Downstream> = {};
   for (const spec of specs) ds[spec.name] = await startDownstream(spec.fail ? { fail: spec.fail } : {});
   const config = testConfig({
-    selector,
-    downstreams: specs.map(({ fail: _fail, ...keys }) => ({ ...keys, addr: ds[keys.name].addr })),
+    users: [{ selector, downstreams: specs.map(({ fail: _fail, ...keys }) => ({ ...keys, addr: ds[keys.name].addr })), ...(more.queue ? { queue: more.queue } : {}) }],
     ...TEST_LIMITS,
     state: { redis: redis.url, prefix: `e2e-${name}:`, ...state },
+    ...(more.spool ? { spool: more.spool } : {}),
   });
   const [a, b] = await startInstances(name, config);
   return {
@@ -298,6 +312,34 @@ test('Redis killed: the quota goes per instance (each counting what it sent); re
     // The outage's two deliveries were written back: the shared quota of 2 is full again.
     for (const [p, s] of [[a, 'a5'], [b, 'b4']] as const) expect((await sent(p, s)).ok).toBe(true);
     expect(counts()).toEqual([4, 5]);
+  } finally {
+    await close();
+  }
+});
+
+test('each instance spools on its own disk and drains through the shared quota: 4 queued over both, 3 delivered for a quota of 3', async () => {
+  const { a, b, ds, close } = await setUp(
+    'spool',
+    'waterfall.js',
+    [{ name: 'limited', quota: '3/1h', fail: { kind: 'reply', code: 421, message: '4.3.2 Not now' } }],
+    {},
+    {
+      spool: { poll_interval: '100ms' },
+      queue: { first_retry: '300ms', max_retry: '600ms', max_age: '1h' },
+    },
+  );
+  try {
+    // The only downstream defers: every message is queued where it arrived, two on each instance.
+    const replies = [];
+    for (const [p, s] of [[a, 'a1'], [b, 'b1'], [a, 'a2'], [b, 'b2']] as const) replies.push(await sent(p, s));
+    for (const r of replies) expect(r.response).toMatch(/^250 .*Queued as/);
+    ds.limited.fail({ kind: 'none' });
+    // Both spools retry; the shared quota lets three through in all (per instance, all four would go).
+    await until(() => ds.limited.received.length >= 3, 20_000, 'three queued messages to be delivered');
+    await Promise.race([a, b].map((p) => p.waitFor(/out of quota[^\n]*queued message not delivered yet/, 20_000)));
+    expect(ds.limited.received).toHaveLength(3);
+    const delivered = (p: ServeProcess): number => p.stdout().match(/queued message delivered/g)?.length ?? 0;
+    expect(delivered(a) + delivered(b)).toBe(3);
   } finally {
     await close();
   }
