@@ -112,6 +112,22 @@ describe('login penalties', () => {
     }
   });
 
+  test('refused AUTHs of a locked-out address count toward the three a connection gets', async () => {
+    const from = '127.0.0.8';
+    const early = await connectRaw(proxy.port, 15_000, { localAddress: from });
+    try {
+      await early.command('EHLO client.example');
+      for (let i = 0; i < PENALTY.lockout_failures; i++) await attempt(proxy.port, from, `wrong-${i}`);
+      const auth = `AUTH PLAIN ${plainAuth('test@user.com', 'wrong')}`;
+      expect((await early.command(auth)).code).toBe(454);
+      expect((await early.command(auth)).code).toBe(454);
+      expect((await early.command(auth)).text).toMatch(/^421 4\.7\.0 Too many failed logins on this connection/);
+      await expect(early.command('NOOP')).rejects.toThrow();
+    } finally {
+      early.close();
+    }
+  });
+
   test('failed logins are reported on the App’s events for metrics', async () => {
     const seen: { reason: string }[] = [];
     const listener = (event: { reason: string }): void => void seen.push(event);

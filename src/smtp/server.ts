@@ -268,7 +268,9 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     if (attempt.kind === 'locked') {
       logger.warn({ remote, method }, 'login refused: too many failed logins from this address');
       deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_LOCKED', remote });
-      throw new SmtpMuxError('SMTPMUX_AUTH_LOCKED');
+      // A refusal counts toward the connection's three: it may not keep asking (each ask is a store write).
+      const failures = guard.failedLogin(session);
+      throw new SmtpMuxError(failures >= AUTH_FAILURES_PER_CONNECTION ? 'SMTPMUX_AUTH_TOO_MANY_FAILURES' : 'SMTPMUX_AUTH_LOCKED');
     }
     const user = await runtime.authenticate(username, password);
     if (user) {
