@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import type { SMTPServer } from 'smtp-server';
+import { LoginPenalties } from './auth/penalty';
 import { loadConfig, insecureListenerWarning, plaintextPasswordWarning, ConfigError, type Config, type Env } from './config/load';
 import { FileWatcher, type WatchOptions } from './config/watch';
 import { SmtpMuxError } from './errors';
@@ -119,12 +120,12 @@ export class App {
     this.events.on('auth_failure', (event: { reason?: string }) => metrics.authFailure(String(event?.reason)));
     this.events.on('connection_refused', (event: { reason?: string }) => metrics.connectionRefused(String(event?.reason)));
     const deps: InboundDeps = {
+      penalties: new LoginPenalties(state, () => this.current.config.loginPenalty),
       current: () => this.current,
       logger,
       metrics,
       closing: () => this.closing,
       tmpDir: options.tmpDir,
-      state,
       guard: this.guard,
       events: this.events,
       spool: () => this.spoolPart,

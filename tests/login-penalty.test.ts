@@ -6,6 +6,7 @@ import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { swaks } from './support/clients';
 import { connectRaw, plainAuth, type Reply } from './support/raw';
+import { hashPassword } from '../src/auth/password';
 
 const PENALTY = { failure_delay_ms: 50, free_failures: 2, max_delay_ms: 400, lockout_failures: 5, window_ms: 3000 };
 // (Each refused connection takes ~100 ms, smtp-server's early-talker pause: the window outlasts the 20 tries.)
@@ -138,5 +139,36 @@ describe('login penalties', () => {
       proxy.app.events.off('auth_failure', listener);
     }
     expect(seen).toEqual([expect.objectContaining({ reason: 'SMTPMUX_AUTH_FAILED', remote: '127.0.0.5' })]);
+  });
+});
+
+describe('a burst of correct logins', () => {
+  let ds: Downstream;
+  let proxy: RunningProxy;
+
+  beforeAll(async () => {
+    ds = await startDownstream();
+    // argon2id takes milliseconds to verify, so the logins of a burst overlap.
+    const password = await hashPassword('password123');
+    proxy = await startProxy({ 'config.yaml': testConfig({ selector: 'round-robin.js', password, downstreams: [{ name: 'only', addr: ds.addr }], ...TEST_LIMITS }) });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+    await ds?.close();
+  });
+
+  test('15 connections from one address logging in at once all get 235: they are not counted as failures', async () => {
+    const replies = await Promise.all(
+      Array.from({ length: 15 }, async () => {
+        const smtp = await connectRaw(proxy.port);
+        try {
+          await smtp.command('EHLO client.example');
+          return (await smtp.command(`AUTH PLAIN ${plainAuth('test@user.com', 'password123')}`)).text;
+        } finally {
+          smtp.close();
+        }
+      }),
+    );
+    expect(replies.filter((r) => !r.startsWith('235 '))).toEqual([]);
   });
 });

@@ -40,10 +40,35 @@ export function penaltyDelay(failures: number, free: number, settings: PenaltySe
 }
 
 export class LoginPenalties {
+  /** Per address, the end of the last attempt queued there. */
+  private readonly queues = new Map<string, Promise<void>>();
+
   constructor(
     private readonly store: StateStore,
     private readonly settings: () => PenaltySettings,
   ) {}
+
+  /**
+   * Runs one attempt from `address` (begin, the password check, succeeded or failed) after the earlier
+   * ones from that address are decided. begin() counts an attempt before its password is checked, so
+   * without this a burst of correct logins from one client (an app opening 15 connections at once)
+   * counted as 15 failures and locked the address out. In a row, each success clears the count before
+   * the next attempt; parallel guesses are still counted one by one. Only the decisions queue, not the
+   * waits the caller adds afterwards; the queue is as long as the connections the address may hold.
+   */
+  async oneAtATime<T>(address: string, attempt: () => Promise<T>): Promise<T> {
+    const result = (this.queues.get(address) ?? Promise.resolve()).then(attempt);
+    const settled = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.queues.set(address, settled);
+    try {
+      return await result;
+    } finally {
+      if (this.queues.get(address) === settled) this.queues.delete(address);
+    }
+  }
 
   /** True when connections from this address are to be turned away (421) until its failures expire. */
   async lockedOut(address: string): Promise<boolean> {

@@ -5,7 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import type { EventEmitter } from 'node:events';
 import type { SMTPServer, SMTPServerOptions, SMTPServerSession, SMTPServerDataStream } from 'smtp-server';
-import { LoginPenalties, loginHash } from '../auth/penalty';
+import { loginHash, type LoginPenalties } from '../auth/penalty';
 import { INBOUND_TLS_MIN_VERSION } from '../config/load';
 import { SmtpMuxError, type ErrorCode } from '../errors';
 import { BodyMemory, MessageBody } from '../message/body';
@@ -14,7 +14,6 @@ import type { Logger } from '../observe/logger';
 import type { Metrics } from '../observe/metrics';
 import { routeMessage } from '../route';
 import type { Runtime } from '../runtime';
-import type { StateStore } from '../state/store';
 import { clientNetwork } from './client-network';
 import { ConnectionGuard } from './guard';
 import { FastDataSMTPServer } from './fast-data';
@@ -30,8 +29,11 @@ export interface InboundDeps {
   closing(): boolean;
   /** Where large bodies spill (default: the OS temp dir). */
   readonly tmpDir?: string;
-  /** Login-failure counters (shared by every listener, and by every instance when the store is shared). */
-  readonly state: StateStore;
+  /**
+   * Login penalties, shared by every listener so that one client's attempts are decided one at a time
+   * (their counters live in the state store, shared by every instance when the store is shared).
+   */
+  readonly penalties: LoginPenalties;
   /** The open connections of every listener. */
   readonly guard: ConnectionGuard;
   /**
@@ -80,7 +82,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
   const { logger, guard, metrics } = deps;
   /** Large bodies this listener holds in memory together, past which they spill to disk. */
   const bodyMemory = new BodyMemory();
-  const penalties = new LoginPenalties(deps.state, () => deps.current().config.loginPenalty);
+  const { penalties } = deps;
   const tls = initial.config.tls;
   const refuse = (code: ErrorCode, session: SMTPServerSession, event: string, callback: (err?: Error | null) => void): void => {
     deps.events?.emit(event, { reason: code, remote: session.remoteAddress });
@@ -264,7 +266,14 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     }
     // Penalties count per client network (an IPv6 /64), as the connection limits do.
     const network = clientNetwork(remote);
-    const attempt = await penalties.begin(network, username);
+    const { attempt, user } = await penalties.oneAtATime(network, async () => {
+      const verdict = await penalties.begin(network, username);
+      if (verdict.kind === 'locked') return { attempt: verdict, user: undefined };
+      const found = await runtime.authenticate(username, password);
+      if (found) await penalties.succeeded(network);
+      else await penalties.failed(username);
+      return { attempt: verdict, user: found };
+    });
     if (attempt.kind === 'locked') {
       logger.warn({ remote, method }, 'login refused: too many failed logins from this address');
       deps.events?.emit('auth_failure', { reason: 'SMTPMUX_AUTH_LOCKED', remote });
@@ -272,15 +281,12 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
       const failures = guard.failedLogin(session);
       throw new SmtpMuxError(failures >= AUTH_FAILURES_PER_CONNECTION ? 'SMTPMUX_AUTH_TOO_MANY_FAILURES' : 'SMTPMUX_AUTH_LOCKED');
     }
-    const user = await runtime.authenticate(username, password);
     if (user) {
-      await penalties.succeeded(network);
       await sleepUntil(started + attempt.waitMs);
       guard.loggedIn(session, { user: user.email.toLowerCase(), passwordId: user.password.id });
       deps.events?.emit('auth_success', { remote });
       return user.email;
     }
-    await penalties.failed(username);
     const failures = guard.failedLogin(session);
     // A login that is not configured is logged as a short hash: it may be a password typed in the wrong field.
     const known = runtime.user(username);
