@@ -33,6 +33,8 @@ export async function decide(
     const started = performance.now();
     outcome = await user.selector.run(message, await user.views(), host);
     selectorSeconds = (performance.now() - started) / 1000;
+    // A run that ended as a fault other than its own throw was cut off: what it queued is not its decision any more.
+    if (outcome.kind === 'fault' && (outcome.fault === 'timeout' || outcome.fault === 'memory' || outcome.fault === 'unavailable')) delivery.endScript();
     if (outcome.kind === 'order') await delivery.tryInOrder(outcome.targets);
   } catch (err) {
     // Not expected (run() never rejects); whatever it was, the latch below still decides the reply.

@@ -83,3 +83,36 @@ describe('a message whose downstream hangs past the selector deadline', () => {
     expect(backup.received).toEqual([]);
   });
 });
+
+describe('a run abandoned at its deadline', () => {
+  test('its queued sends are not made: the client waits for the attempt in flight, not for every send() the script fired', async () => {
+    const { startMisbehaving } = await import('./support/misbehaving');
+    const silent = await startMisbehaving(() => 'hang-after-data');
+    // Three sends fired at once, none awaited, then the script waits for ever: only the first may run.
+    const proxy = await startProxy({
+      'fire.js': String.raw`
+        function select(message, downstreams, ctx) {
+          for (let i = 0; i < 3; i++) ctx.send('silent').catch(() => undefined);
+          return new Promise(() => undefined);
+        }`,
+      'config.yaml': testConfig({
+        limits: { selector_timeout_ms: 500, selector_memory_mb: 32 },
+        delivery: { connect_timeout_ms: 1000, socket_timeout_ms: 30_000, attempt_timeout_ms: 2000, max_connections: 3 },
+        selector: 'fire.js',
+        downstreams: [{ name: 'silent', addr: silent.addr }],
+      }),
+    });
+    try {
+      const sent = await sendWithNodemailer(proxy.port, { subject: 'fired' });
+      expect(sent).toMatchObject({ ok: false, code: 451 });
+      const line = proxy.logs.find((l) => l.outcome === 'deferred') as { attempts: { code?: string }[]; problems?: string[] };
+      // One attempt ran into its deadline; the two queued behind it were refused, never contacted.
+      expect(line.attempts).toEqual([expect.objectContaining({ downstream: 'silent', ok: false, code: 'ETIMEDOUT' })]);
+      expect(line.problems).toEqual(['The selector run for this message is over', 'The selector run for this message is over']);
+      expect(silent.connections()).toBe(1);
+    } finally {
+      await proxy.stop();
+      await silent.close();
+    }
+  });
+});

@@ -65,6 +65,8 @@ export class Delivery {
   delivered: { downstream: string; response: string; rejected: readonly string[] } | undefined;
   private chain: Promise<unknown> = Promise.resolve();
   private scriptSends = 0;
+  /** The script's run ended without it (abandoned at its deadline, killed): sends it queued are not made. */
+  private scriptOver = false;
 
   constructor(
     private readonly body: Pick<MessageBody, 'open'>,
@@ -104,6 +106,15 @@ export class Delivery {
     if (!this.delivered && !other && cooling.length > 0) await this.enqueue(() => this.probeFirstToRecover(cooling));
   }
 
+  /**
+   * The script's run is over without it having finished (abandoned at its deadline, or its isolate
+   * was killed): the attempt in flight runs to its end, and sends it queued behind it are refused,
+   * so a client waits for one attempt, not for every send() an abandoned script fired.
+   */
+  endScript(): void {
+    this.scriptOver = true;
+  }
+
   /** Resolves once every attempt started so far has ended. */
   async settled(): Promise<void> {
     let seen: Promise<unknown>;
@@ -116,6 +127,7 @@ export class Delivery {
   private async attempt(target: string | null, fromScript: boolean): Promise<AttemptRecord> {
     const started = Date.now();
     if (this.delivered) return this.refuse(target, 'SMTPMUX_ALREADY_DELIVERED', started);
+    if (fromScript && this.scriptOver) return this.refuse(target, 'SMTPMUX_RUN_OVER', started);
     if (fromScript && ++this.scriptSends > this.options.maxSends) return this.refuse(target, 'SMTPMUX_SEND_LIMIT', started, ` (limit ${this.options.maxSends})`);
     const found = target === null ? undefined : this.targets.get(target);
     if (!found) return this.refuse(target, 'SMTPMUX_UNKNOWN_DOWNSTREAM', started, target === null ? ': send() needs a downstream object or name' : `: "${target}"`);
