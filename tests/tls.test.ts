@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node
 import os from 'node:os';
 import path from 'node:path';
 import { ConfigError, insecureListenerWarning, parseConfig } from '../src/config/load';
-import { selfSigned } from '../src/tls/selfsigned';
+import { randomSerial, selfSigned } from '../src/tls/selfsigned';
 import { startDownstream, type Downstream } from './support/downstream';
 import { testConfig, TEST_LIMITS } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
@@ -124,6 +124,14 @@ describe('TLS set-up helpers', () => {
     dir = mkdtempSync(path.join(os.tmpdir(), 'smtpmux-tls-'));
   });
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  test('a self-signed certificate\'s serial number is always positive minimal DER (never a padding byte that fails to parse)', () => {
+    for (let i = 0; i < 2000; i++) {
+      const serial = randomSerial();
+      expect(serial).toHaveLength(16);
+      expect(serial[0] >= 0x40 && serial[0] <= 0x7f).toBe(true);
+    }
+  });
 
   test('smtpmux tls selfsigned DIR writes a certificate openssl reads and a private key only its owner reads; it does not overwrite', async () => {
     const made = await runCli(['tls', 'selfsigned', dir, '--name', 'mx.example.test', '--name', '127.0.0.1', '--days', '10']);

@@ -63,6 +63,16 @@ export interface SelfSigned {
   readonly notAfter: Date;
 }
 
+/**
+ * 16 random bytes as a positive serial number in minimal DER: the first byte is kept in 0x40..0x7f, since
+ * a leading 0x00 before a byte under 0x80 is padding DER forbids (1 certificate in 256 failed to parse).
+ */
+export function randomSerial(): Buffer {
+  const serial = randomBytes(16);
+  serial[0] = (serial[0] & 0x3f) | 0x40;
+  return serial;
+}
+
 /** A self-signed P-256 certificate for `names` (DNS names and IP addresses), valid for `days`. */
 export function selfSigned(names: readonly string[], days = 365): SelfSigned {
   if (names.length === 0) throw new Error('give at least one name');
@@ -78,8 +88,7 @@ export function selfSigned(names: readonly string[], days = 365): SelfSigned {
     seq(oid('2.5.29.37'), octets(seq(oid('1.3.6.1.5.5.7.3.1')))), // extKeyUsage: serverAuth
     seq(oid('2.5.29.17'), octets(altNames)), // subjectAltName
   );
-  const serial = randomBytes(16);
-  serial[0] &= 0x7f;
+  const serial = randomSerial();
   const tbs = seq(
     explicit(0, integer(Buffer.from([2]))), // v3
     integer(serial),
