@@ -262,9 +262,10 @@ describe('redis backend across instances', () => {
 
   test('no key lives for ever unless a selector set it without ttl', async () => {
     const store = await redisStore('ttl:');
-    await store.acquireRate('ds:r', 5, 1000, 0, 1);
+    // Every key here lives a minute at least, so none can expire between the scan and its PTTL on a loaded machine.
+    await store.acquireRate('ds:r', 1, 60_000, 0, 1);
     await store.reserveQuota('ds:q', 'id', 1, 5, 60_000);
-    await store.recordFailure('ds:h', { code: 'ECONNECTION', at: Date.now() }, { baseMs: 1000, maxMs: 2000 });
+    await store.recordFailure('ds:h', { code: 'ECONNECTION', at: Date.now() }, { baseMs: 60_000, maxMs: 120_000 });
     await store.recordLoginFailure('login:ip:1.2.3.4', 60_000);
     await store.incr('sel:c', 1, 60_000);
     const keys = (await redis.cli('--scan', '--pattern', 'ttl:*')).split('\n').filter(Boolean);
