@@ -282,6 +282,12 @@ export class App {
     if (r && !r.ok) {
       return { ready: false, reason: `the config reload at ${new Date(r.at).toISOString()} failed (${r.problems.length} problem(s), see the log or the status page); the last good config keeps serving` };
     }
+    // Losing the shared state must not take the relay out of the load balancer: ready, and says so.
+    const state = this.state.status();
+    if (state.degraded) {
+      const since = new Date(state.since ?? Date.now()).toISOString();
+      return { ready: true, reason: `ready; degraded since ${since}: the shared state (Redis) is unreachable, limits are per instance (${state.reason ?? 'no reason given'})` };
+    }
     return { ready: true, reason: 'ready' };
   }
 

@@ -72,6 +72,8 @@ describe('the App and its state store', () => {
       expect(Date.now() - started).toBeLessThan(10_000);
       expect(proxy.app.state.status()).toMatchObject({ backend: 'redis', shared: false, degraded: true });
       expect(proxy.logs.some((l) => l.level === 40 && /Redis is unreachable/.test(String(l.msg)))).toBe(true);
+      // Readiness stays ready (losing Redis must not take the relay out of the balancer) and says why.
+      expect(proxy.app.readiness()).toMatchObject({ ready: true, reason: expect.stringMatching(/^ready; degraded since .*limits are per instance/) });
       const before = downstream.received.length;
       expect((await sendWithNodemailer(proxy.port, { subject: 'no redis' })).ok).toBe(true);
       expect(downstream.received.length).toBe(before + 1);

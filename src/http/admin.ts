@@ -72,7 +72,7 @@ export async function startAdminServer(where: { readonly host: string; readonly 
     if (pathname === '/livez') return send(res, 200, text, 'ok\n');
     if (pathname === '/readyz') {
       const { ready, reason } = deps.readiness();
-      return send(res, ready ? 200 : 503, text, ready ? 'ready\n' : `not ready: ${reason}\n`);
+      return send(res, ready ? 200 : 503, text, ready ? `${reason}\n` : `not ready: ${reason}\n`);
     }
     if (pathname !== '/metrics' && pathname !== '/') return send(res, 404, text, 'not found: try /, /metrics, /livez or /readyz\n');
     if (!authorized(req, deps.token())) {
