@@ -9,6 +9,7 @@ import { testConfig, type DownstreamSpec } from './support/config';
 import { startProxy, type RunningProxy } from './support/proxy';
 import { sendWithNodemailer } from './support/clients';
 import { runCli } from './support/cli';
+import { stateKey } from '../src/downstreams/gate';
 
 const open: { close(): Promise<void> }[] = [];
 afterEach(async () => {
@@ -250,4 +251,10 @@ test('a script that sends to its only downstream while it cools is refused at on
   expect(await sendWithNodemailer(p.port, { subject: 'probe' })).toMatchObject({ ok: true, code: 250 });
   expect(outcomes(p)[3].attempts).toEqual([expect.objectContaining({ downstream: 'flaky', ok: true, probe: true })]);
   expect(flaky.offered()).toBe(3);
+});
+
+test('a downstream\'s state key cannot be spelled by another user and downstream: the parts are escaped', () => {
+  expect(stateKey('a@x:b', { name: 'c', account: undefined })).not.toBe(stateKey('a@x', { name: 'b:c', account: undefined }));
+  expect(stateKey('App@Example.com', { name: 'ses', account: undefined })).toBe('user:app@example.com:ses');
+  expect(stateKey('a', { name: 'b', account: 'acct:1' })).toBe('account:acct%3A1');
 });

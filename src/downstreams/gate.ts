@@ -5,7 +5,7 @@
 // several instances; only what is about this process (attempts in flight, the last probe) stays here.
 import type { DownstreamConfig, Period } from '../config/load';
 import type { DownstreamStatus } from '../selector/types';
-import type { HealthSnapshot, LastError, StateStore } from '../state/store';
+import { keyPart, type HealthSnapshot, type LastError, type StateStore } from '../state/store';
 
 /** Why an attempt was not made. */
 export type SkipReason = 'cooling' | 'rate' | 'quota';
@@ -37,7 +37,8 @@ export interface GatePolicy {
  * they do (one SES account behind two logins), `account:` names the shared key.
  */
 export function stateKey(user: string, ds: Pick<DownstreamConfig, 'name' | 'account'>): string {
-  return ds.account !== undefined ? `account:${ds.account}` : `user:${user.toLowerCase()}:${ds.name}`;
+  // Both parts escaped: user "a:b" with downstream "c" is never user "a" with downstream "b:c".
+  return ds.account !== undefined ? `account:${keyPart(ds.account)}` : `user:${keyPart(user.toLowerCase())}:${keyPart(ds.name)}`;
 }
 
 /** Longest reply text kept as a downstream's last error. */

@@ -2,7 +2,7 @@
 // bounds of bounds.ts checked again here (the isolate checks them first, but the host trusts nothing
 // that crosses). Answers are plain records; the bootstrap turns a failure into a thrown StateError.
 import type { StateCode } from '../errors';
-import { StateFullError, StateTypeError, type StateScope, type StateStore } from '../state/store';
+import { keyPart, StateFullError, StateTypeError, type StateScope, type StateStore } from '../state/store';
 import { BOUNDS, STATE_KEYS_PER_USER } from './bounds';
 
 export type StateRecord = { ok: true; json?: string; value?: number } | { ok: false; code: StateCode; message?: string };
@@ -19,7 +19,7 @@ export class SelectorState {
   ) {
     // A login may contain ':' (the config only asks for a non-empty string): escaped, so that
     // "a@x:b" and key "c" can never be "a@x" and key "b:c". Logins without ':' or '%' are unchanged.
-    const name = `sel:${user.toLowerCase().replaceAll('%', '%25').replaceAll(':', '%3A')}`;
+    const name = `sel:${keyPart(user.toLowerCase())}`;
     this.prefix = `${name}:`;
     this.scope = { name, maxKeys: STATE_KEYS_PER_USER };
   }

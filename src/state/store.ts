@@ -115,6 +115,14 @@ export class StateFullError extends Error {
   }
 }
 
+/**
+ * A piece of a key that comes from config (a login, a downstream name) and may contain ':': escaped, so
+ * that "a:b" + "c" can never meet "a" + "b:c". Text without ':' or '%' is unchanged (keys stay readable).
+ */
+export function keyPart(text: string): string {
+  return text.replaceAll('%', '%25').replaceAll(':', '%3A');
+}
+
 /** incr() on a value that is not an integer. */
 export class StateTypeError extends Error {
   constructor(readonly key: string) {
