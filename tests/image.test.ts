@@ -9,6 +9,7 @@ import type { AddressInfo } from 'node:net';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import dockerignore from '@balena/dockerignore';
 import { validate } from 'dockerfile-utils';
 import { DOCKERFILE, readRuntimeStage, type RuntimeStage } from './support/dockerfile';
 import { testConfig } from './support/config';
@@ -26,6 +27,20 @@ test('the Dockerfile has no lint errors (dockerfile-utils)', () => {
   const shown = problems.map((p) => `Dockerfile:${p.range.start.line + 1}: ${p.severity === 1 ? 'error' : 'warning'}: ${p.message}`);
   if (shown.length > 0) console.log(shown.join('\n'));
   expect(problems.filter((p) => p.severity === 1).map((p) => `Dockerfile:${p.range.start.line + 1}: ${p.message}`)).toEqual([]);
+});
+
+test('every file a COPY takes from the build context gets past .dockerignore', () => {
+  const ignore = dockerignore({ ignorecase: false }).add(readFileSync(path.join(REPO, '.dockerignore'), 'utf8'));
+  const { contextSources } = readRuntimeStage();
+  expect(contextSources.length).toBeGreaterThan(0);
+  const left: string[] = [];
+  for (const { source, line } of contextSources) {
+    // The files git knows under it: what a clean checkout sends (a folder is checked file by file).
+    const files = execFileSync('git', ['ls-files', '--', source], { cwd: REPO, encoding: 'utf8' }).split('\n').filter(Boolean);
+    if (files.length === 0) left.push(`Dockerfile:${line}: COPY ${source}: no such file in the repository`);
+    for (const file of files) if (ignore.ignores(file)) left.push(`Dockerfile:${line}: COPY ${source}: .dockerignore leaves out ${file}`);
+  }
+  expect(left).toEqual([]);
 });
 
 test('the Dockerfile runs its runtime stage as a non-root user with exec-form ENTRYPOINT and HEALTHCHECK', () => {

@@ -28,6 +28,8 @@ export interface RuntimeStage {
   readonly cmd: readonly string[];
   /** The RUN lines of the stage each COPY --from names, as written (to check a build stage's intent). */
   readonly runsOf: (stage: string) => readonly string[];
+  /** What COPY and ADD take from the build context, in every stage (what .dockerignore must let through). */
+  readonly contextSources: readonly { readonly source: string; readonly line: number }[];
 }
 
 const lineOf = (i: Instruction): number => i.getRange().start.line + 1;
@@ -104,7 +106,16 @@ export function readRuntimeStage(file = DOCKERFILE): RuntimeStage {
       default:
     }
   }
+  const contextSources = all
+    .filter((i) => ['COPY', 'ADD'].includes(i.getKeyword()))
+    .filter((i) => !(i as unknown as { getFromFlag(): unknown }).getFromFlag())
+    .flatMap((i) => {
+      const copy = i as JSONInstruction;
+      const args = copy.getJSONStrings().length > 0 ? copy.getJSONStrings().map((s) => s.getJSONValue()) : copy.getArguments().map((a) => a.getValue());
+      return args.slice(0, -1).map((source) => ({ source: path.posix.normalize(source).replace(/\/$/, ''), line: lineOf(i) }));
+    });
   return {
+    contextSources,
     workdir: workdirOf(last),
     env,
     user,
