@@ -13,6 +13,7 @@ import { SmtpMuxError } from './errors';
 import { startAdminServer, type AdminServer, type Readiness } from './http/admin';
 import type { ReloadStatus, StatusView } from './http/status';
 import { Lifecycle, type Part } from './lifecycle';
+import { BodyMemory } from './message/body';
 import { createLogger, type Logger } from './observe/logger';
 import { Metrics, type DownstreamState } from './observe/metrics';
 import { Runtime, RuntimeBuildError, type RuntimeHooks } from './runtime';
@@ -129,6 +130,8 @@ export class App {
       guard: this.guard,
       events: this.events,
       spool: () => this.spoolPart,
+      // One budget for both listeners (STARTTLS and implicit TLS): it bounds the process, not a port.
+      bodyMemory: new BodyMemory(),
     };
     this.server = createInboundServer(deps, current);
     this.implicitServer = current.config.tls?.implicit ? createInboundServer(deps, current, { implicitTls: true }) : undefined;

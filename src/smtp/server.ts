@@ -8,7 +8,7 @@ import type { SMTPServer, SMTPServerOptions, SMTPServerSession, SMTPServerDataSt
 import { loginHash, type LoginPenalties } from '../auth/penalty';
 import { INBOUND_TLS_MIN_VERSION } from '../config/load';
 import { SmtpMuxError, type ErrorCode } from '../errors';
-import { BodyMemory, MessageBody } from '../message/body';
+import { MessageBody, type BodyMemory } from '../message/body';
 import { summarize } from '../message/summary';
 import type { Logger } from '../observe/logger';
 import type { Metrics } from '../observe/metrics';
@@ -44,6 +44,8 @@ export interface InboundDeps {
   readonly events?: EventEmitter;
   /** The durable spool, when the config has one: takes a queueing user's message no downstream took. */
   spool?(): Spool | undefined;
+  /** Large bodies held in memory together, by every listener of the process, past which they spill to disk. */
+  readonly bodyMemory: BodyMemory;
 }
 
 export interface ListenerOptions {
@@ -80,8 +82,6 @@ function declaredSize(session: SMTPServerSession): number | undefined {
 
 export function createInboundServer(deps: InboundDeps, initial: Runtime, listener: ListenerOptions = {}): SMTPServer {
   const { logger, guard, metrics } = deps;
-  /** Large bodies this listener holds in memory together, past which they spill to disk. */
-  const bodyMemory = new BodyMemory();
   const { penalties } = deps;
   const tls = initial.config.tls;
   const refuse = (code: ErrorCode, session: SMTPServerSession, event: string, callback: (err?: Error | null) => void): void => {
@@ -191,7 +191,7 @@ export function createInboundServer(deps: InboundDeps, initial: Runtime, listene
     try {
       const limit = runtime.config.maxMessageSize;
       try {
-        body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir, memory: bodyMemory, declaredSize: declaredSize(session) });
+        body = await MessageBody.receive(stream, { maxSize: limit, tmpDir: deps.tmpDir, memory: deps.bodyMemory, declaredSize: declaredSize(session) });
       } catch (err) {
         // Mostly a client that went away mid-DATA: worth a line, not an alarm.
         logger.warn({ msgId: id, err: (err as Error).message }, 'message could not be received');
