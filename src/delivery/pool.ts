@@ -1,12 +1,20 @@
-// One downstream SMTP server as a pooled nodemailer transport, reused across messages. A pool is
-// identified by its connection settings (`poolKey`), so a reload that leaves a downstream's
-// settings alone keeps its open connections.
+// One downstream SMTP server as a pool of nodemailer SMTPConnections, reused across messages. A pool is
+// identified by its connection settings (`poolKey`), so a reload that leaves a downstream's settings
+// alone keeps its open connections.
+//
+// The pool drives SMTPConnection (nodemailer's documented SMTP client) itself rather than through
+// nodemailer's Mailer and its pool: a relayed message is raw bytes with an envelope that smtp-server has
+// already parsed, and the Mailer's per-message work for a raw message (a MIME tree node, address parsing,
+// a random boundary, a stream pipeline) was about a sixth of the CPU a small message cost the proxy.
 import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { BlockList, isIP } from 'node:net';
 import type { Readable } from 'node:stream';
-import nodemailer from 'nodemailer';
+import { domainToASCII } from 'node:url';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { DownstreamConfig } from '../config/load';
-import { useFastStuffing } from '../message/dot-stuffing';
+import { stuffingSource } from '../message/dot-stuffing';
+import { isTransientError } from 'nodemailer/lib/errors';
 import { classifyFailure, type AttemptFailure } from './classify';
 
 export interface PoolSettings {
@@ -25,10 +33,11 @@ export interface Envelope {
 }
 
 /**
- * The bytes of one attempt: the body as received (a Buffer, or a spilled body's file, which nodemailer
- * opens afresh on a requeue), or a stream built for this attempt (a From rewrite of a spilled body).
+ * The bytes of one attempt: the body as received (a Buffer, or a spilled body's file), or a maker of
+ * streams built for this attempt (a From rewrite of a spilled body). Each try of an attempt reads the
+ * bytes from the start (see DownstreamPool.attempt).
  */
-export type RawMessage = Buffer | { readonly path: string } | Readable;
+export type RawMessage = Buffer | { readonly path: string } | { readonly stream: () => Readable };
 
 export type AttemptResult =
   | { readonly ok: true; readonly responseCode: number; readonly response: string; readonly rejected: readonly string[] }
@@ -66,15 +75,89 @@ export interface SendOptions {
   readonly timeoutMs: number;
 }
 
-/** What nodemailer is told the Message-ID is: it only names the message in nodemailer's own logs. */
-const RELAY_MESSAGE_ID = '<relayed@smtpmux>';
+/** Bytes per read from a spilled body's file. */
+const FILE_HIGH_WATER_MARK = 256 * 1024;
+
+type SentInfo = SMTPConnection.SentMessageInfo;
+
+/** A failure nodemailer reports for a connection that ended while an operation waited on it. */
+function connectionClosed(): Error {
+  return Object.assign(new Error('Connection closed unexpectedly'), { code: 'ECONNECTION' });
+}
+
+/** An attempt that waited on a pool a reload has since closed: temporary, and no fault of the downstream. */
+function poolClosed(): Error {
+  return new Error('Connection pool was closed');
+}
+
+/**
+ * One SMTPConnection of a pool. Every operation on it (connect, login, send, reset) settles exactly once:
+ * by its callback, or by the connection's 'error' or 'end' when those come first (SMTPConnection reports
+ * some failures only as events, and forgets a send in flight when it is closed).
+ */
+class PooledConnection {
+  /** Messages this connection has carried: a connection that carried one may have been dropped since. */
+  messages = 0;
+  closed = false;
+  private settleCurrent: ((err: Error | null, value?: unknown) => void) | undefined;
+
+  constructor(readonly connection: SMTPConnection, onClosed: (pooled: PooledConnection) => void) {
+    connection.on('error', (err: Error) => this.settleCurrent?.(err));
+    connection.once('end', () => {
+      this.closed = true;
+      this.settleCurrent?.(connectionClosed());
+      onClosed(this);
+    });
+  }
+
+  run<T>(start: (done: (err: Error | null | undefined, value?: T) => void) => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      if (this.closed) return reject(connectionClosed());
+      let settled = false;
+      const settle = (err: Error | null | undefined, value?: unknown): void => {
+        if (settled) return;
+        settled = true;
+        if (this.settleCurrent === settle) this.settleCurrent = undefined;
+        if (err) reject(err);
+        else resolve(value as T);
+      };
+      this.settleCurrent = settle;
+      start(settle);
+    });
+  }
+
+  close(): void {
+    this.connection.close();
+  }
+}
+
+/** An attempt waiting for a connection: every slot of the pool is busy. */
+interface Waiter {
+  /** With a connection released to it, or with none: a slot was freed and is now counted for it. */
+  resolve(pooled: PooledConnection | undefined): void;
+  reject(err: Error): void;
+}
+
+/** One attempt's hold on the pool, so its deadline can end whatever the attempt is waiting on. */
+interface AttemptHold {
+  expired: boolean;
+  waiter?: Waiter;
+  connection?: PooledConnection;
+}
 
 export class DownstreamPool {
-  private readonly transport;
+  private readonly options: SMTPConnection.Options;
+  private readonly auth: { user: string; pass: string } | undefined;
+  private readonly maxConnections: number;
+  /** Connections that are open and free, the most recently used last (the least likely to be stale). */
+  private readonly idle: PooledConnection[] = [];
+  private readonly waiting: Waiter[] = [];
+  /** Connections counted against maxConnections: connecting, idle or carrying a message. */
+  private open = 0;
+  private closing = false;
 
   constructor(ds: DownstreamConfig, settings: PoolSettings) {
-    this.transport = nodemailer.createTransport({
-      pool: true,
+    this.options = {
       host: ds.host,
       port: ds.port,
       secure: ds.tls === 'tls',
@@ -83,63 +166,199 @@ export class DownstreamPool {
       requireTLS: ds.tls === 'starttls' || (ds.tls === 'auto' && ds.user !== undefined && !isLoopbackAddress(ds.host)),
       ignoreTLS: ds.tls === 'none',
       tls: { rejectUnauthorized: ds.verifyTls, servername: ds.host },
-      auth: ds.user !== undefined ? { user: ds.user, pass: ds.pass } : undefined,
       name: settings.hostname,
-      maxConnections: settings.maxConnections,
-      // nodemailer's default closes a pooled connection after 100 messages, and its pool then waits
-      // 100 ms before it sends the next queued message: one message in a hundred took 100 ms more. A
-      // downstream that wants fewer messages per connection says so (421, or closing), which the pool
-      // handles like any dropped connection.
-      maxMessages: Infinity,
-      // nodemailer requeues a message only when its connection was found dead before a byte of it was
-      // sent (a pooled connection the server dropped while idle); once bytes went out, the failure is
-      // ours to handle (failover, never a silent resend). One retry on a fresh connection is enough.
-      maxRequeues: 1,
       connectionTimeout: settings.connectTimeoutMs,
       greetingTimeout: settings.connectTimeoutMs,
       socketTimeout: settings.socketTimeoutMs,
-      // File access is how a spilled body is read afresh on a requeue ({ path } below); the only paths
-      // nodemailer ever sees are our own temp files, never anything a client or a selector supplied.
-      disableFileAccess: false,
-      disableUrlAccess: true,
       logger: false,
-    });
-    // nodemailer with a fast path for dot-stuffing the body on its way out (see dot-stuffing.ts).
-    useFastStuffing(this.transport);
+    };
+    this.auth = ds.user !== undefined ? { user: ds.user, pass: ds.pass ?? '' } : undefined;
+    this.maxConnections = settings.maxConnections;
   }
 
   /** Sends the raw message unchanged with the given envelope, within the attempt's deadline; never rejects. */
-  async send(envelope: Envelope, raw: RawMessage, options: SendOptions): Promise<AttemptResult> {
-    const deadline = new AbortController();
-    // nodemailer closes the connection an aborted message holds (or drops it from the queue), so the
-    // pool slot is free for the next message; other deliveries in the pool carry on.
-    const timer = setTimeout(() => deadline.abort(), options.timeoutMs);
-    try {
-      const info = await this.transport.sendMail({
-        // use8BitMime and size reach MAIL FROM (BODY=8BITMIME, SIZE=) though nodemailer's type omits them.
-        envelope: { from: envelope.from, to: [...envelope.to], use8BitMime: envelope.use8BitMime, size: envelope.size } as never,
-        raw: raw as Buffer | { path: string } | Readable,
-        // nodemailer otherwise makes a random Message-ID per message for its own bookkeeping (a raw
-        // message is sent as it is; this value never reaches the wire): about 3% of a small message's CPU.
-        messageId: RELAY_MESSAGE_ID,
-        signal: deadline.signal,
-      });
-      const response = String(info.response ?? '');
-      const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
-      return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
-    } catch (err) {
-      if (deadline.signal.aborted) {
-        // The downstream may have accepted just as we gave up: as with a reply lost after the final
-        // dot, that is a failed attempt (RFC 1047), logged as such.
-        return { ok: false, code: 'ETIMEDOUT', permanent: false, backoff: true, message: `no final reply within ${options.timeoutMs} ms (delivery.attempt_timeout_ms); the attempt was aborted` };
+  send(envelope: Envelope, raw: RawMessage, options: SendOptions): Promise<AttemptResult> {
+    const hold: AttemptHold = { expired: false };
+    return new Promise<AttemptResult>((resolve) => {
+      // The deadline ends the attempt where it is: waiting for a slot, connecting or sending. Closing the
+      // connection frees its slot for the next message; other deliveries in the pool carry on.
+      const timer = setTimeout(() => {
+        hold.expired = true;
+        if (hold.waiter) this.dropWaiter(hold.waiter);
+        hold.connection?.close();
+        // The downstream may have accepted just as we gave up: as with a reply lost after the final dot,
+        // that is a failed attempt (RFC 1047), logged as such.
+        resolve({ ok: false, code: 'ETIMEDOUT', permanent: false, backoff: true, message: `no final reply within ${options.timeoutMs} ms (delivery.attempt_timeout_ms); the attempt was aborted` });
+      }, options.timeoutMs);
+      this.attempt(envelope, raw, hold).then(
+        (result) => {
+          clearTimeout(timer);
+          if (!hold.expired) resolve(result);
+        },
+        (err: unknown) => {
+          clearTimeout(timer);
+          if (!hold.expired) resolve({ ok: false, ...classifyFailure(err) });
+        },
+      );
+    });
+  }
+
+  /** Closes idle connections now and the others once their message is done; waiting attempts fail. */
+  close(): void {
+    this.closing = true;
+    for (const pooled of this.idle.splice(0)) pooled.connection.quit();
+    for (const waiter of this.waiting.splice(0)) waiter.reject(poolClosed());
+  }
+
+  private async attempt(envelope: Envelope, raw: RawMessage, hold: AttemptHold): Promise<AttemptResult> {
+    const smtpEnvelope = toSmtpEnvelope(envelope);
+    // A connection found dead before a byte of the message went out (a pooled connection the server
+    // dropped while idle) is replaced once. Once bytes went out, a failure is ours to handle (failover,
+    // never a silent resend).
+    for (let tries = 0; ; tries++) {
+      const pooled = await this.acquire(hold);
+      const reused = pooled.messages > 0;
+      const message = openMessage(raw);
+      try {
+        const info = await pooled.run<SentInfo>((done) => pooled.connection.send(smtpEnvelope, message, done));
+        pooled.messages++;
+        this.release(pooled);
+        const response = String(info.response ?? '');
+        const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
+        return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
+      } catch (err) {
+        pooled.messages++;
+        const untouched = message.readableDidRead === false;
+        if (!message.destroyed) message.destroy();
+        if (hold.expired) throw err;
+        if (tries === 0 && reused && untouched && isTransientError(err as never)) {
+          pooled.close();
+          hold.connection = undefined;
+          continue;
+        }
+        this.afterFailure(pooled, err);
+        throw err;
+      } finally {
+        if (hold.connection === pooled) hold.connection = undefined;
       }
-      return { ok: false, ...classifyFailure(err) };
-    } finally {
-      clearTimeout(timer);
     }
   }
 
-  close(): void {
-    this.transport.close();
+  /** After a refused message the session is reset and the connection kept; after anything else it is closed. */
+  private afterFailure(pooled: PooledConnection, err: unknown): void {
+    const e = err as { code?: string; responseCode?: number };
+    if ((e.code === 'EENVELOPE' || e.code === 'EMESSAGE') && e.responseCode !== 421 && !pooled.closed) {
+      pooled.run((done) => pooled.connection.reset(done)).then(
+        () => this.release(pooled),
+        () => pooled.close(),
+      );
+      return;
+    }
+    pooled.close();
   }
+
+  /** A free connection: an idle one, a new one in a free slot, or the next one released or freed. */
+  private async acquire(hold: AttemptHold): Promise<PooledConnection> {
+    if (this.closing) throw poolClosed();
+    let pooled = this.idle.pop();
+    if (pooled === undefined) {
+      if (this.open < this.maxConnections) this.open++;
+      else
+        pooled = await new Promise<PooledConnection | undefined>((resolve, reject) => {
+          hold.waiter = { resolve, reject };
+          this.waiting.push(hold.waiter);
+        });
+      hold.waiter = undefined;
+      if (pooled === undefined) {
+        // A slot is counted for this attempt: it opens a connection in it, unless its time is up.
+        if (hold.expired) {
+          this.freeSlot();
+          throw connectionClosed();
+        }
+        pooled = await this.connect(hold);
+      }
+    }
+    hold.connection = pooled;
+    if (hold.expired) {
+      // The deadline passed while this connection was on its way: it goes back, unused.
+      this.release(pooled);
+      throw connectionClosed();
+    }
+    return pooled;
+  }
+
+  /** Opens and logs in a new connection; its slot is counted by the caller and freed when it ends. */
+  private async connect(hold: AttemptHold): Promise<PooledConnection> {
+    const pooled = new PooledConnection(new SMTPConnection(this.options), (closed) => this.forget(closed));
+    hold.connection = pooled;
+    try {
+      await pooled.run((done) => pooled.connection.connect(done));
+      if (this.auth && pooled.connection.allowsAuth) await pooled.run((done) => pooled.connection.login(this.auth, done));
+      return pooled;
+    } catch (err) {
+      pooled.close();
+      throw err;
+    }
+  }
+
+  /** Hands a connection to the next waiting attempt, or keeps it for the next message. */
+  private release(pooled: PooledConnection): void {
+    if (pooled.closed) return;
+    const waiter = this.waiting.shift();
+    if (waiter) return waiter.resolve(pooled);
+    if (this.closing) return pooled.connection.quit();
+    this.idle.push(pooled);
+  }
+
+  /** A connection ended: its slot is free. */
+  private forget(pooled: PooledConnection): void {
+    const index = this.idle.indexOf(pooled);
+    if (index !== -1) this.idle.splice(index, 1);
+    this.freeSlot();
+  }
+
+  /** Gives a free slot to the next waiting attempt, which opens a connection in it, or frees it. */
+  private freeSlot(): void {
+    const waiter = this.waiting.shift();
+    if (waiter) waiter.resolve(undefined);
+    else this.open--;
+  }
+
+  private dropWaiter(waiter: Waiter): void {
+    const index = this.waiting.indexOf(waiter);
+    if (index !== -1) this.waiting.splice(index, 1);
+  }
+}
+
+/** The bytes of one try, read from the start. */
+function openMessage(raw: RawMessage): Readable {
+  if (Buffer.isBuffer(raw)) return stuffingSource(raw);
+  if ('path' in raw) return stuffingSource(createReadStream(raw.path, { highWaterMark: FILE_HIGH_WATER_MARK }));
+  return stuffingSource(raw.stream());
+}
+
+/**
+ * The envelope as SMTPConnection takes it. The addresses are as smtp-server parsed them from the client,
+ * passed on as they are, with two things nodemailer's Mailer did that a relay still wants: a recipient
+ * named twice gets one RCPT TO, and an internationalized domain behind an ASCII local part is sent as its
+ * A-label (`safe@xn--jgeva-dua.ee`), which any downstream takes, SMTPUTF8 or not.
+ */
+function toSmtpEnvelope(envelope: Envelope): SMTPConnection.Envelope {
+  return {
+    from: smtpAddress(envelope.from),
+    to: [...new Set(envelope.to.map(smtpAddress))],
+    use8BitMime: envelope.use8BitMime,
+    size: envelope.size,
+  };
+}
+
+const NON_ASCII = /[^\x00-\x7f]/;
+
+function smtpAddress(address: string): string {
+  if (!NON_ASCII.test(address)) return address;
+  const at = address.lastIndexOf('@');
+  // A UTF-8 local part needs SMTPUTF8 anyway, and the domain is kept in UTF-8 beside it.
+  if (at < 0 || NON_ASCII.test(address.slice(0, at))) return address;
+  const domain = domainToASCII(address.slice(at + 1));
+  return domain ? `${address.slice(0, at)}@${domain}` : address;
 }

@@ -15,7 +15,11 @@ export class RewriteError extends Error {
 }
 
 /** The message as one attempt sends it, with the From rewritten; `size` is its new size in bytes. */
-export async function rewriteFrom(raw: Buffer | { readonly path: string }, size: number, from: string): Promise<{ raw: Buffer | Readable; size: number }> {
+export async function rewriteFrom(
+  raw: Buffer | { readonly path: string },
+  size: number,
+  from: string,
+): Promise<{ raw: Buffer | { readonly stream: () => Readable }; size: number }> {
   if (Buffer.isBuffer(raw)) {
     const split = splitHeader(raw, true);
     if (!split) throw new RewriteError('the message has no header block to rewrite');
@@ -41,7 +45,8 @@ export async function rewriteFrom(raw: Buffer | { readonly path: string }, size:
     yield head;
     if (start < size) yield* createReadStream(path, { start });
   }
-  return { raw: Readable.from(bytes(), { objectMode: false }), size: head.length + size - start };
+  // A stream is read once: each try of the attempt gets its own (see RawMessage).
+  return { raw: { stream: () => Readable.from(bytes(), { objectMode: false }) }, size: head.length + size - start };
 }
 
 /**

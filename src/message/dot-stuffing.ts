@@ -7,10 +7,10 @@
 // LF, a CR at a chunk's end) goes to the dependency's own code, unchanged. So the bytes on the wire are
 // exactly what the dependencies would produce (tests/dot-stuffing.test.ts compares both), the smuggling
 // defences stay theirs, and nothing is patched process-wide: the fast path is set on the parser and
-// stuffing-stream instances of our own server (src/smtp/fast-data.ts) and our own transports only. If a dependency renames
-// what we hook, the hook finds nothing to hook and the stock code runs (and the test says so).
+// stuffing-stream instances of our own server (src/smtp/fast-data.ts) and our own downstream connections
+// only. If a dependency renames what we hook, the hook finds nothing to hook and the stock code runs (and
+// the test says so).
 import { PassThrough, type Readable, type Writable } from 'node:stream';
-import type Mail from 'nodemailer/lib/mailer';
 
 type Done = (err?: Error | null) => void;
 
@@ -185,8 +185,8 @@ export function fastStuffingStream<T>(stream: T): T {
 }
 
 /**
- * The last stage of a message's stream inside nodemailer: a PassThrough that, when nodemailer pipes it
- * into the connection's DataStream, gives that DataStream the fast path.
+ * What a message's bytes are handed to nodemailer's SMTPConnection in: a PassThrough that, when the
+ * connection pipes it into its DataStream, gives that DataStream the fast path.
  */
 class StuffingHandoff extends PassThrough {
   override pipe<D extends NodeJS.WritableStream>(destination: D, options?: { end?: boolean }): D {
@@ -199,17 +199,17 @@ class StuffingHandoff extends PassThrough {
 const HANDOFF_HIGH_WATER_MARK = 256 * 1024;
 
 /**
- * Registers the fast path on a nodemailer transport, through its plugin API: a 'stream' plugin adds a
- * processFunc (the hook DKIM signing uses) that ends the message's stream in a StuffingHandoff.
+ * A message's bytes (a Buffer, or a stream that is read once) as the stream to give nodemailer's
+ * SMTPConnection.send, which dot-stuffs them on the fast path. Destroying the result (the connection
+ * does when it closes mid-message) destroys the source stream too, so a file it reads is closed.
  */
-export function useFastStuffing<T extends Pick<Mail, 'use'>>(transport: T): T {
-  transport.use('stream', (mail, done) => {
-    mail.message.processFunc((input: Readable) => {
-      const output = new StuffingHandoff({ highWaterMark: HANDOFF_HIGH_WATER_MARK });
-      input.once('error', (err) => output.destroy(err));
-      return input.pipe(output);
-    });
-    done();
-  });
-  return transport;
+export function stuffingSource(body: Buffer | Readable): Readable {
+  const output = new StuffingHandoff({ highWaterMark: HANDOFF_HIGH_WATER_MARK });
+  if (Buffer.isBuffer(body)) {
+    output.end(body);
+    return output;
+  }
+  body.once('error', (err) => output.destroy(err));
+  output.once('close', () => body.destroy());
+  return body.pipe(output);
 }
