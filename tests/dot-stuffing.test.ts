@@ -23,6 +23,7 @@ interface Stuffer extends NodeJS.ReadWriteStream {
   inByteCount: number;
   outByteCount: number;
   _transform: unknown;
+  _flush: unknown;
 }
 
 /** A seeded generator, so a failure can be replayed. */
@@ -106,7 +107,9 @@ describe('dot-stuffing fast paths', () => {
     expect(fastDataParser(parser)._feedDataStream).not.toBe(stockFeed);
     const stream = new DataStream();
     const stockTransform = stream._transform;
+    const stockFlush = stream._flush;
     expect(fastStuffingStream(stream)._transform).not.toBe(stockTransform);
+    expect(stream._flush).not.toBe(stockFlush);
     // Given once: a second call changes nothing.
     const fastFeed = parser._feedDataStream;
     expect(fastDataParser(parser)._feedDataStream).toBe(fastFeed);
@@ -140,6 +143,18 @@ describe('dot-stuffing fast paths', () => {
       expect(fast.inBytes).toBe(stock.inBytes);
       expect(fast.outBytes).toBe(stock.outBytes);
     }
+  });
+
+  test('a small message that needs no stuffing leaves with its final dot in one chunk (one socket write)', async () => {
+    const body = Buffer.from('Subject: hi\r\n\r\n' + line.repeat(30));
+    const stream = fastStuffingStream(new DataStream());
+    const parts: Buffer[] = [];
+    stream.on('data', (c: Buffer) => parts.push(c));
+    const ended = new Promise((resolve) => stream.on('end', resolve));
+    stream.end(body);
+    await ended;
+    expect(parts).toHaveLength(1);
+    expect(parts[0].equals(Buffer.concat([body, Buffer.from('.\r\n')]))).toBe(true);
   });
 
   test.each(bodies())('receiving (%s): smtp-server’s parser gives the same data and the next command with the fast path', async (_name, body) => {

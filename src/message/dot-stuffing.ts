@@ -108,6 +108,7 @@ interface StuffingStream extends Writable {
   lastByte: number | false;
   push(chunk: Buffer): boolean;
   _transform(chunk: Buffer | string, encoding: BufferEncoding, done: Done): void;
+  _flush(done: Done): void;
 }
 
 /** A bare CR (or a CR ending the text), a bare LF (or an LF starting it), or a dot starting a line. */
@@ -143,30 +144,53 @@ function windowEnd(chunk: Buffer, start: number): number {
 
 function isStuffingStream(stream: unknown): stream is StuffingStream {
   const s = stream as Partial<StuffingStream> | null;
-  return !!s && typeof s._transform === 'function' && typeof s.inByteCount === 'number' && typeof s.outByteCount === 'number' && 'lastByte' in s;
+  return !!s && typeof s._transform === 'function' && typeof s._flush === 'function' && typeof s.inByteCount === 'number' && typeof s.outByteCount === 'number' && 'lastByte' in s;
 }
+
+/**
+ * The end of data as DataStream's _flush writes it, after the byte the message ended with (false: the
+ * message was empty): a line end first unless the message ended with one.
+ */
+function endOfData(lastByte: number | false): Buffer {
+  return Buffer.from(lastByte === 0x0a ? '.\r\n' : lastByte === 0x0d ? '\n.\r\n' : '\r\n.\r\n');
+}
+
+/** A clean run at the end of a chunk up to this size is held back, to leave with what comes next. */
+const HOLD_MAX_BYTES = 64 * 1024;
 
 /**
  * Gives one nodemailer DataStream the fast path. A chunk is looked at in windows (ending after an LF):
  * runs of windows in which nothing needs stuffing or a line-end repair are passed on as they are, with
  * the counters DataStream keeps; a window that does goes to DataStream's own _transform (which is
  * synchronous and keeps the byte before the next window), as if the chunk had been cut there.
+ * A small clean run at the end of a chunk waits for the next chunk or the end of data, so a small
+ * message and its final dot go to the socket in one write rather than two.
  */
 export function fastStuffingStream<T>(stream: T): T {
   if (!isStuffingStream(stream) || hooked.has(stream)) return stream;
   hooked.add(stream);
   const stock = stream._transform;
+  const stockFlush = stream._flush;
   const noop = (): void => undefined;
+  /** Counted, not pushed yet. */
+  let held: Buffer | undefined;
+  const pushHeld = (target: StuffingStream): void => {
+    if (held === undefined) return;
+    target.push(held);
+    held = undefined;
+  };
   stream._transform = function transform(this: StuffingStream, chunk: Buffer | string, encoding: BufferEncoding, done: Done): void {
+    pushHeld(this);
     if (typeof chunk === 'string' || chunk.length === 0) return stock.call(this, chunk, encoding, done);
     let run = 0; // start of the clean bytes not pushed yet
-    const flush = (end: number): void => {
+    const flush = (end: number, hold = false): void => {
       if (end <= run) return;
       const clean = chunk.subarray(run, end);
       this.inByteCount += clean.length;
       this.outByteCount += clean.length;
-      this.push(clean);
       this.lastByte = clean[clean.length - 1];
+      if (hold && clean.length <= HOLD_MAX_BYTES) held = clean;
+      else this.push(clean);
     };
     for (let start = 0; start < chunk.length; ) {
       const end = windowEnd(chunk, start);
@@ -178,7 +202,15 @@ export function fastStuffingStream<T>(stream: T): T {
       }
       start = end;
     }
-    flush(chunk.length);
+    flush(chunk.length, true);
+    done();
+  };
+  stream._flush = function flush(this: StuffingStream, done: Done): void {
+    if (held === undefined) return stockFlush.call(this, done);
+    const end = endOfData(this.lastByte);
+    this.outByteCount += end.length;
+    this.push(Buffer.concat([held, end]));
+    held = undefined;
     done();
   };
   return stream;
