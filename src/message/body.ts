@@ -128,7 +128,8 @@ export class MessageBody {
         if (header === undefined) {
           headerParts.push(chunk);
           headerSize += chunk.length;
-          const joined = Buffer.concat(headerParts);
+          // Nearly always the header block ends in the first chunk: looked for there, without a copy.
+          const joined = headerParts.length === 1 ? chunk : Buffer.concat(headerParts);
           const end = headerEnd(joined);
           if (end >= 0 || headerSize >= MAX_HEADER_BYTES) {
             header = joined.subarray(0, end >= 0 ? end : MAX_HEADER_BYTES);
