@@ -68,12 +68,14 @@ export async function routeMessage(
 ): Promise<Routed> {
   const started = Date.now();
   const selector = user.selectorLabel;
-  const log = logger.child({ msgId: message.id, user: user.email });
+  // The message's id and user lead every line about it, as a child logger's bindings would, without
+  // building a child logger per message.
+  const about = { msgId: message.id, user: user.email };
   const delivery = new Delivery(body, envelope, user.targets, deliveryOptions(runtime.config, message.id));
 
   const { outcome, verdict, selectorSeconds } = await decide(user, message, delivery, {
     send: (target) => delivery.send(target),
-    log: (text) => log.info({ selector, scriptLog: true }, text),
+    log: (text) => logger.info({ ...about, selector, scriptLog: true }, text),
     state: new SelectorState(runtime.state, user.email),
   });
 
@@ -83,9 +85,10 @@ export async function routeMessage(
   for (const attempt of delivery.attempts) metrics.attempt(user.email, attempt.downstream, attemptResult(attempt), attempt.ms);
 
   for (const attempt of delivery.attempts) {
-    if (attempt.coolingUntil) log.warn({ downstream: attempt.downstream, until: attempt.coolingUntil, code: attempt.code, responseCode: attempt.responseCode }, 'downstream cooling down');
+    if (attempt.coolingUntil) logger.warn({ ...about, downstream: attempt.downstream, until: attempt.coolingUntil, code: attempt.code, responseCode: attempt.responseCode }, 'downstream cooling down');
   }
   const line = {
+    ...about,
     from: envelope.from,
     rcpts: envelope.to.length,
     size: body.size,
@@ -101,10 +104,10 @@ export async function routeMessage(
   if (verdict.delivered) {
     // The script may still have failed after its send() succeeded: 250 stands, the failure is logged.
     const level = outcome.kind === 'fault' || outcome.kind === 'reason' || line.refusedRecipients ? 'warn' : 'info';
-    log[level]({ ...line, outcome: 'delivered', downstream: verdict.downstream }, 'message delivered');
+    logger[level]({ ...line, outcome: 'delivered', downstream: verdict.downstream }, 'message delivered');
   } else {
     const temporary = (verdict.error?.responseCode ?? 451) < 500;
-    log.warn({ ...line, outcome: temporary ? 'deferred' : 'rejected', code: verdict.error?.code }, temporary ? 'message deferred' : 'message rejected');
+    logger.warn({ ...line, outcome: temporary ? 'deferred' : 'rejected', code: verdict.error?.code }, temporary ? 'message deferred' : 'message rejected');
   }
   return { error: verdict.error, downstream: verdict.downstream };
 }
