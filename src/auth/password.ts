@@ -4,7 +4,6 @@
 // (the Go original's configs), compared in constant time.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import os from 'node:os';
-import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
 import { bcryptVerify } from './bcrypt-pool';
 
 export type PasswordScheme = 'plain' | 'argon2id' | 'bcrypt';
@@ -36,13 +35,16 @@ async function limitedArgon2Verify(hash: string, given: string): Promise<boolean
   if (argon2Running >= ARGON2_AT_ONCE) await new Promise<void>((resolve) => argon2Waiting.push(resolve));
   else argon2Running++;
   try {
-    return await argon2Verify(hash, given).catch(() => false);
+    return await (await argon2()).verify(hash, given).catch(() => false);
   } finally {
     const next = argon2Waiting.shift();
     if (next) next();
     else argon2Running--;
   }
 }
+
+/** @node-rs/argon2 (a native addon), loaded at the first argon2id login or hash: a config of plaintext or bcrypt passwords never maps it. */
+const argon2 = (): Promise<typeof import('@node-rs/argon2')> => import('@node-rs/argon2');
 
 const sha256 = (text: string): Buffer => createHash('sha256').update(text, 'utf8').digest();
 
@@ -79,6 +81,6 @@ export function storedPassword(stored: string): StoredPassword {
 }
 
 /** An argon2id hash of `password` with the library's defaults (19 MiB, 2 passes, 1 lane: OWASP's minimum). */
-export function hashPassword(password: string): Promise<string> {
-  return argon2Hash(password);
+export async function hashPassword(password: string): Promise<string> {
+  return (await argon2()).hash(password);
 }

@@ -1,15 +1,16 @@
 // Picks the state backend from the config: in process by default, Redis (behind the local fallback)
 // when `state.redis` is set. The one place that imports a backend; everything else sees a StateStore.
+// The Redis backend (node-redis and its modules, ~12 MB of heap) is loaded only when a config asks for it.
 import type { StateConfig } from '../config/load';
 import type { Logger } from '../observe/logger';
 import { FallbackStateStore, type FallbackOptions } from './fallback';
 import { MemoryStateStore } from './memory';
-import { RedisStateStore } from './redis';
 import type { StateStore } from './store';
 
 /** Creates the store; with Redis, waits at most one call deadline for the first connection, then starts degraded. */
 export async function createStateStore(config: StateConfig, logger: Logger, fallback?: FallbackOptions): Promise<StateStore> {
   if (!config.redis) return new MemoryStateStore();
+  const { RedisStateStore } = await import('./redis');
   let lastError = '';
   let store: FallbackStateStore | undefined;
   const redis = RedisStateStore.create({ url: config.redis, prefix: config.prefix, timeoutMs: config.timeoutMs }, (err) => {
