@@ -8,10 +8,13 @@ import { parseArgs } from 'node:util';
  * V8's young generation for `serve`, in MB per semi-space, unless the command line or NODE_OPTIONS sets
  * --max-semi-space-size. Node's default lets the young generation grow far larger, in the main isolate
  * and in each selector isolate; at 8 connections of 2 KB messages that was most of the proxy's peak RSS
- * growth (peak 250-300 MB; 150-200 MB with 8). 4 saved a little more memory but cost large messages
- * some CPU (more scavenges); 8 showed no CPU cost measurable here (npm run bench).
+ * growth (peak 250-300 MB; 150-200 MB with 8). It also bounds how many dead socket and file buffers wait
+ * for a scavenge: 50 concurrent 20 MB messages grew RSS by 108-113 MB with 8, 78-87 MB with 4, 67-69 MB
+ * with 2. With the Mailer layer gone from the send path (fewer objects per message), 4 costs no CPU per
+ * message measurable here at 1/8/32 x 2 KB, 8 x 100 KB or 4 x 5 MB (an earlier send path paid for it at
+ * 5 MB); 2 cost 5-9% at 32 x 2 KB and 8 x 100 KB (npm run bench, alternating runs).
  */
-const SERVE_SEMI_SPACE_MB = 8;
+const SERVE_SEMI_SPACE_MB = 4;
 
 /**
  * How far V8 lets the old generation grow past what the last full GC kept before the next one, in percent,
