@@ -5,6 +5,7 @@ import { createReadStream, promises as fs } from 'node:fs';
 import { once } from 'node:events';
 import { parseArgs } from 'node:util';
 import { loadConfig } from '../config/load';
+import { roughDuration } from '../rough-duration';
 import { describeLoadFailure } from '../runtime';
 import { DEFAULT_QUEUE } from '../spool/spool';
 import { SpoolStore, type SpoolEntry } from '../spool/store';
@@ -117,13 +118,7 @@ export async function runQueue(argv: readonly string[], out: Out = console): Pro
   }
 }
 
-function age(ms: number): string {
-  const s = Math.max(0, Math.round(ms / 1000));
-  if (s < 120) return `${s}s`;
-  if (s < 7200) return `${Math.round(s / 60)}m`;
-  if (s < 172_800) return `${Math.round(s / 3600)}h`;
-  return `${Math.round(s / 86_400)}d`;
-}
+const age = (ms: number): string => roughDuration(ms, { seconds: 's', minutes: 'm', hours: 'h', days: 'd' });
 
 function list(store: SpoolStore, dead: boolean, json: boolean, out: Out): number {
   const entries = store.list(dead ? 'dead' : 'queued');

@@ -3,6 +3,7 @@
 // reload. Inline CSS, no script, no external asset; it refreshes itself. It is built from a StatusView
 // that holds no password, token, message body or recipient, so none can reach the page.
 import { RECENT_MINUTES, type RecentSummary } from '../observe/recent';
+import { roughDuration } from '../rough-duration';
 import type { StateStatus } from '../state/store';
 
 export interface DownstreamStatus {
@@ -53,13 +54,7 @@ export interface StatusView {
 const ESCAPES: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 export const escapeHtml = (value: unknown): string => String(value).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 
-function ago(ms: number): string {
-  const s = Math.max(0, Math.round(ms / 1000));
-  if (s < 90) return `${s} s`;
-  if (s < 5400) return `${Math.round(s / 60)} min`;
-  if (s < 172_800) return `${Math.round(s / 3600)} h`;
-  return `${Math.round(s / 86_400)} d`;
-}
+const ago = (ms: number): string => roughDuration(ms, { seconds: ' s', minutes: ' min', hours: ' h', days: ' d' }, [90, 5400, 172_800]);
 
 const time = (at: number): string => new Date(at).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC');
 

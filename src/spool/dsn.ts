@@ -2,6 +2,7 @@
 // the user's queue has `bounce: true`. A multipart/report with a sentence for a human, the
 // machine-readable message/delivery-status, and the original's header block (never its body).
 import { randomBytes } from 'node:crypto';
+import { roughDuration } from '../rough-duration';
 import type { SpoolEntry } from './store';
 
 export interface Bounce {
@@ -18,13 +19,7 @@ export interface Bounce {
 /** One line of a header field: no CR or LF from outside can start a header of its own. */
 const oneLine = (text: string): string => text.replace(/[\r\n]+/g, ' ').slice(0, 900);
 
-function span(ms: number): string {
-  const s = Math.max(0, Math.round(ms / 1000));
-  if (s < 120) return `${s} second(s)`;
-  if (s < 7200) return `${Math.round(s / 60)} minutes`;
-  if (s < 172_800) return `${Math.round(s / 3600)} hours`;
-  return `${Math.round(s / 86_400)} days`;
-}
+const span = (ms: number): string => roughDuration(ms, { seconds: ' second(s)', minutes: ' minutes', hours: ' hours', days: ' days' });
 
 export function buildBounce(bounce: Bounce): Buffer {
   const { original, reportingMta, status } = bounce;
