@@ -96,7 +96,7 @@ function poolClosed(): Error {
  * some failures only as events, and forgets a send in flight when it is closed).
  */
 class PooledConnection {
-  /** Messages this connection has carried: a connection that carried one may have been dropped since. */
+  /** Messages given to this connection: one that has had a message may have been dropped since. */
   messages = 0;
   closed = false;
   private settleCurrent: ((err: Error | null, value?: unknown) => void) | undefined;
@@ -217,23 +217,20 @@ export class DownstreamPool {
     // never a silent resend).
     for (let tries = 0; ; tries++) {
       const pooled = await this.acquire(hold);
-      const reused = pooled.messages > 0;
+      const reused = pooled.messages++ > 0;
       const message = openMessage(raw);
       try {
         const info = await pooled.run<SentInfo>((done) => pooled.connection.send(smtpEnvelope, message, done));
-        pooled.messages++;
         this.release(pooled);
         const response = String(info.response ?? '');
         const code = Number(/^\d{3}/.exec(response)?.[0] ?? 250);
         return { ok: true, responseCode: code, response: response.slice(0, 500), rejected: (info.rejected ?? []).map(String) };
       } catch (err) {
-        pooled.messages++;
         const untouched = message.readableDidRead === false;
-        if (!message.destroyed) message.destroy();
+        message.destroy();
         if (hold.expired) throw err;
         if (tries === 0 && reused && untouched && isTransientError(err as never)) {
           pooled.close();
-          hold.connection = undefined;
           continue;
         }
         this.afterFailure(pooled, err);

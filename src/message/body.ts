@@ -196,8 +196,8 @@ export class MessageBody {
   }
 
   /**
-   * The bytes for one delivery attempt: the Buffer, or the temp file's path, which nodemailer opens
-   * afresh for every read (so a requeued attempt reads the whole body again).
+   * The bytes for one delivery attempt: the Buffer, or the temp file's path, which the downstream pool
+   * opens afresh for every try (so a retried attempt reads the whole body again).
    */
   open(): Buffer | { readonly path: string } {
     return this.memory ?? { path: this.file as string };
